@@ -1,0 +1,259 @@
+"""node.toml -> frozen, validated settings.
+
+This is the one module that knows the file format. Every rule is checked at start-up, and a
+broken file raises :class:`ConfigError` with the file and the dotted key in its message, so
+``dmg-node serve`` can print one line and exit with ``EXIT_CONFIG`` instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dmg_node.errors import ConfigError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "node.toml"
+
+# DICOM PS3.5 6.2: an AE title is 1-16 characters of the default repertoire, no backslash and
+# no control characters; leading/trailing spaces are not significant.
+_AE_RE = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")
+SEQUENCES = ("t1c", "t2", "flair")
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    ae_title: str = "DMG_NODE"
+    host: str = "0.0.0.0"
+    port: int = 11112
+    require_called_aet: bool = True
+    maximum_associations: int = 10
+    maximum_pdu_size: int = 0
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 30.0
+    network_timeout: float = 60.0
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    root: Path = Path("spool")
+    duplicate_policy: str = "replace"
+    min_free_mb: int = 1024
+    fsync: bool = True
+
+
+@dataclass(frozen=True)
+class AssemblySettings:
+    quiet_seconds: float = 60.0
+    late_policy: str = "reprocess"
+    poll_seconds: float = 2.0
+    max_attempts: int = 3
+
+
+@dataclass(frozen=True)
+class AccessSettings:
+    allowed_calling_aets: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Destination:
+    name: str
+    ae_title: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class ModelsSettings:
+    dir: Path = Path("models")
+    device: str = "auto"
+    t1c: str = "demo-t1c"
+    t2: str = "demo-t2"
+    flair: str = "demo-flair"
+
+
+@dataclass(frozen=True)
+class LoggingSettings:
+    level: str = "info"
+    format: str = "json"
+    include_phi: bool = False
+
+
+@dataclass(frozen=True)
+class Settings:
+    node: NodeSettings = field(default_factory=NodeSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
+    assembly: AssemblySettings = field(default_factory=AssemblySettings)
+    access: AccessSettings = field(default_factory=AccessSettings)
+    destinations: tuple[Destination, ...] = ()
+    models: ModelsSettings = field(default_factory=ModelsSettings)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
+    source: Path | None = None
+
+    def destination(self, name: str) -> Destination:
+        """Return the destination called *name*.
+
+        Raises
+        ------
+        ConfigError
+            If no destination has that name.
+        """
+        for dest in self.destinations:
+            if dest.name == name:
+                return dest
+        known = ", ".join(d.name for d in self.destinations) or "none"
+        raise ConfigError(f"no destination named {name!r} in {self.source} (configured: {known})")
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "storage.duplicate_policy": ("replace", "keep_first"),
+    "assembly.late_policy": ("reprocess", "ignore"),
+    "logging.level": ("debug", "info", "warning", "error"),
+    "logging.format": ("json", "console"),
+}
+_RANGES: dict[str, tuple[float, float]] = {
+    "node.port": (1, 65535),
+    "destinations.port": (1, 65535),
+    "node.maximum_associations": (1, 1000),
+    "node.maximum_pdu_size": (0, 2**32 - 1),
+    "node.acse_timeout": (0.1, 3600),
+    "node.dimse_timeout": (0.1, 3600),
+    "node.network_timeout": (0.1, 86400),
+    "storage.min_free_mb": (0, 10**9),
+    "assembly.quiet_seconds": (0, 86400),
+    "assembly.poll_seconds": (0.05, 3600),
+    "assembly.max_attempts": (1, 100),
+}
+_AE_KEYS = {"node.ae_title", "destinations.ae_title", "access.allowed_calling_aets"}
+
+
+def load(path: Path | str | None = None) -> Settings:
+    """Read and validate a node.toml.
+
+    Parameters
+    ----------
+    path
+        The file; ``None`` means the default ``config/node.toml`` shipped with the node.
+
+    Returns
+    -------
+    Settings
+        Frozen settings. Relative paths are resolved against the current directory.
+
+    Raises
+    ------
+    ConfigError
+        The file cannot be read or parsed, or a key is unknown, mistyped or out of range.
+    """
+    cfg_path = Path(path) if path is not None else DEFAULT_CONFIG
+    try:
+        text = cfg_path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {cfg_path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {cfg_path} is not UTF-8: {exc}") from exc
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {cfg_path} is not valid TOML: {exc}") from exc
+    return from_dict(raw, source=cfg_path)
+
+
+def from_dict(raw: dict[str, Any], source: Path | None = None) -> Settings:
+    """Validate an already-parsed TOML table (see :func:`load`)."""
+    where = str(source) if source is not None else "<config>"
+    settings = _build(Settings, raw, "", where, skip={"source"})
+    settings = dataclasses.replace(settings, source=source)
+    _check_cross_rules(settings, where)
+    return settings
+
+
+def _build(cls: type[Any], raw: Any, prefix: str, where: str, skip: set[str] | None = None) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: [{prefix.rstrip('.')}] must be a table, found {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in (skip or set())}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        key = prefix + unknown[0]
+        raise ConfigError(f"{where}: unknown key {key!r} (allowed here: {', '.join(sorted(fields))})")
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        key = prefix + name
+        if name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{where}: missing required key {key!r}")
+            continue
+        kwargs[name] = _convert(hints[name], raw[name], key, where)
+    return cls(**kwargs)
+
+
+def _convert(hint: Any, value: Any, key: str, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    generic_key = re.sub(r"\[\d+\]", "", key)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".", where)  # type: ignore[arg-type]
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: {key!r} must be an array, found {_tname(value)}")
+        return tuple(_convert(args[0], v, f"{key}[{i}]", where) for i, v in enumerate(value))
+    if origin in (types.UnionType, typing.Union):  # Path | None
+        return _convert(args[0], value, key, where)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: {key!r} must be true or false, found {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: {key!r} must be an integer, found {value!r}")
+        _check_range(generic_key, value, key, where)
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: {key!r} must be a number, found {value!r}")
+        _check_range(generic_key, float(value), key, where)
+        return float(value)
+    if hint is str or hint is Path:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: {key!r} must be a string, found {value!r}")
+        choices = _CHOICES.get(generic_key)
+        if choices is not None and value not in choices:
+            raise ConfigError(f"{where}: {key!r} must be one of {', '.join(choices)}; found {value!r}")
+        if generic_key in _AE_KEYS and not _AE_RE.fullmatch(value.strip() or "\x00"):
+            raise ConfigError(
+                f"{where}: {key!r} must be a DICOM AE title (1-16 printable characters, no backslash); "
+                f"found {value!r}"
+            )
+        if hint is Path:
+            if not value:
+                raise ConfigError(f"{where}: {key!r} must not be empty")
+            return Path(value)
+        return value.strip() if generic_key in _AE_KEYS else value
+    raise ConfigError(f"{where}: {key!r} has an unsupported type")  # pragma: no cover
+
+
+def _check_range(generic_key: str, value: float, key: str, where: str) -> None:
+    bounds = _RANGES.get(generic_key)
+    if bounds is not None and not bounds[0] <= value <= bounds[1]:
+        raise ConfigError(f"{where}: {key!r} must be between {bounds[0]:g} and {bounds[1]:g}; found {value!r}")
+
+
+def _check_cross_rules(settings: Settings, where: str) -> None:
+    names = [d.name for d in settings.destinations]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"{where}: destinations.name must be unique; {dupes[0]!r} appears twice")
+    if settings.models.device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", settings.models.device):
+        raise ConfigError(
+            f"{where}: 'models.device' must be auto, cpu, cuda or cuda:N; found {settings.models.device!r}"
+        )
+
+
+def _tname(value: Any) -> str:
+    return type(value).__name__

@@ -1,0 +1,31 @@
+"""The project's error hierarchy: one base class, one subclass per stage that can fail."""
+
+from __future__ import annotations
+
+
+class DmgNodeError(Exception):
+    """Base class of every error dmg-node raises on purpose."""
+
+
+class ConfigError(DmgNodeError):
+    """The configuration file is unreadable or breaks a rule (the message names key and file)."""
+
+
+class SpoolError(DmgNodeError):
+    """An instance could not be stored durably, or the index is inconsistent."""
+
+
+class SeriesError(DmgNodeError):
+    """A series cannot be turned into one volume (the message gives the reason)."""
+
+
+class ModelError(DmgNodeError):
+    """A model is missing, invalid, or does not match its manifest."""
+
+
+class RtStructError(DmgNodeError):
+    """An RTSTRUCT could not be built from a mask and its source series."""
+
+
+class SendError(DmgNodeError):
+    """A destination refused, timed out, or could not be reached."""

@@ -1,0 +1,74 @@
+"""structlog set-up: JSON lines (or console), contextvars, and the PHI filter.
+
+Every module logs through ``structlog.get_logger(__name__)`` with snake_case event names and
+key-value fields. Admins tail the JSON lines (``journalctl -o cat | jq``); see docs/logging.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import MutableMapping
+from typing import Any, TextIO
+
+import structlog
+
+# Fields that may carry patient identity (PS3.15 Annex E basic profile, the ones a log could
+# plausibly pick up). They are dropped unless an admin sets logging.include_phi = true.
+PHI_KEYS = frozenset(
+    {
+        "patient_name",
+        "patient_id",
+        "patient_birth_date",
+        "patients_name",
+        "patients_birth_date",
+        "other_patient_ids",
+        "patient_address",
+        "accession_number",
+    }
+)
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+def drop_phi(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Remove patient-identifying fields from an event (a structlog processor)."""
+    for key in PHI_KEYS.intersection(event_dict):
+        del event_dict[key]
+    return event_dict
+
+
+def configure(level: str = "info", fmt: str = "json", include_phi: bool = False, stream: TextIO | None = None) -> None:
+    """Configure structlog for the whole process.
+
+    Parameters
+    ----------
+    level
+        Minimum level: debug, info, warning or error.
+    fmt
+        ``json`` (one JSON object per line, the default) or ``console`` (readable, coloured off).
+    include_phi
+        Keep patient name/ID/birth date fields when a caller logs them (off by default).
+    stream
+        Where lines go; standard output by default (journald captures it under systemd).
+    """
+    processors: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
+    ]
+    if not include_phi:
+        processors.append(drop_phi)
+    processors.append(structlog.processors.format_exc_info)
+    if fmt == "console":
+        processors.append(structlog.dev.ConsoleRenderer(colors=False))
+    else:
+        processors.append(structlog.processors.JSONRenderer(sort_keys=False, default=str))
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        logger_factory=structlog.WriteLoggerFactory(file=stream or sys.stdout),
+        cache_logger_on_first_use=False,
+    )
+    # pynetdicom logs through the stdlib; keep its chatter at warning and below ours.
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING if level != "debug" else logging.INFO)
