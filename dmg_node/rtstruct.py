@@ -1,0 +1,1 @@
+"""Mask + source series -> RTSTRUCT dataset (rt-utils, wrapped and corrected). Being written."""

@@ -1,0 +1,1 @@
+"""Segmentation: phantoms, the GAN generator/discriminator, training, evaluation and inference."""
