@@ -78,6 +78,43 @@ class ModelsSettings:
 
 
 @dataclass(frozen=True)
+class OutboxSettings:
+    retry_initial_seconds: float = 10.0
+    retry_max_seconds: float = 600.0
+    give_up_hours: float = 72.0
+    timeout_seconds: float = 30.0
+    poll_seconds: float = 2.0
+
+
+@dataclass(frozen=True)
+class RtStructSettings:
+    roi_name_t1c: str = "GTV_DMG_AI_T1C"
+    roi_name_t2: str = "GTV_DMG_AI_T2"
+    roi_name_flair: str = "GTV_DMG_AI_FLAIR"
+    color: tuple[int, ...] = (255, 0, 0)
+    send_empty: bool = False
+    min_volume_mm3: float = 100.0
+
+    def roi_name(self, sequence: str) -> str:
+        return str(getattr(self, f"roi_name_{sequence}"))
+
+
+@dataclass(frozen=True)
+class ClassifySettings:
+    """Regex overrides for the description rules; an empty list keeps the built-in default."""
+
+    t1c: tuple[str, ...] = ()
+    t2: tuple[str, ...] = ()
+    flair: tuple[str, ...] = ()
+    none: tuple[str, ...] = ()
+    contrast: tuple[str, ...] = ()
+    t1: tuple[str, ...] = ()
+
+    def overrides(self) -> dict[str, tuple[str, ...]]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v}
+
+
+@dataclass(frozen=True)
 class LoggingSettings:
     level: str = "info"
     format: str = "json"
@@ -92,6 +129,9 @@ class Settings:
     access: AccessSettings = field(default_factory=AccessSettings)
     destinations: tuple[Destination, ...] = ()
     models: ModelsSettings = field(default_factory=ModelsSettings)
+    outbox: OutboxSettings = field(default_factory=OutboxSettings)
+    rtstruct: RtStructSettings = field(default_factory=RtStructSettings)
+    classify: ClassifySettings = field(default_factory=ClassifySettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     source: Path | None = None
 
@@ -128,6 +168,13 @@ _RANGES: dict[str, tuple[float, float]] = {
     "assembly.quiet_seconds": (0, 86400),
     "assembly.poll_seconds": (0.05, 3600),
     "assembly.max_attempts": (1, 100),
+    "outbox.retry_initial_seconds": (0.01, 86400),
+    "outbox.retry_max_seconds": (0.01, 86400),
+    "outbox.give_up_hours": (0, 8760),
+    "outbox.timeout_seconds": (0.1, 3600),
+    "outbox.poll_seconds": (0.01, 3600),
+    "rtstruct.color": (0, 255),
+    "rtstruct.min_volume_mm3": (0, 10**7),
 }
 _AE_KEYS = {"node.ae_title", "destinations.ae_title", "access.allowed_calling_aets"}
 
@@ -245,6 +292,19 @@ def _check_range(generic_key: str, value: float, key: str, where: str) -> None:
 
 
 def _check_cross_rules(settings: Settings, where: str) -> None:
+    if len(settings.rtstruct.color) != 3:
+        raise ConfigError(f"{where}: 'rtstruct.color' must be three integers [R, G, B]; found {list(settings.rtstruct.color)}")
+    for key, value in (("roi_name_t1c", settings.rtstruct.roi_name_t1c), ("roi_name_t2", settings.rtstruct.roi_name_t2),
+                       ("roi_name_flair", settings.rtstruct.roi_name_flair)):
+        if not 1 <= len(value) <= 64 or "\\" in value:
+            raise ConfigError(f"{where}: 'rtstruct.{key}' must be 1-64 characters without backslash; found {value!r}")
+    if settings.classify.overrides():
+        from dmg_node.classify import compile_rules  # the rules' own compiler knows the keys
+
+        try:
+            compile_rules(settings.classify.overrides())
+        except ValueError as exc:
+            raise ConfigError(f"{where}: [classify] {exc}") from exc
     names = [d.name for d in settings.destinations]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:

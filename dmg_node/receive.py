@@ -1,0 +1,280 @@
+"""The Storage SCP: a pynetdicom AE with C-ECHO and C-STORE handlers. No business logic here.
+
+The C-STORE handler checks the identifiers, writes the bytes as received into the spool (durably)
+and only then returns Success; every other outcome is a named failure status (PS3.4 B.2.3).
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any
+
+import structlog
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from dmg_node.config import Settings
+from dmg_node.spool import InstanceRecord, Spool
+
+log = structlog.get_logger(__name__)
+
+TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGLosslessSV1,
+    JPEGLossless,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+]
+
+_MIB = 1024 * 1024
+
+
+class StoreStatus(IntEnum):
+    """C-STORE response statuses this SCP returns (PS3.4 Table B.2-1)."""
+
+    SUCCESS = 0x0000
+    OUT_OF_RESOURCES = 0xA700
+    DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+    CANNOT_UNDERSTAND = 0xC000
+    MISSING_UID = 0xC001
+
+
+class EchoStatus(IntEnum):
+    SUCCESS = 0x0000
+
+
+@dataclass
+class _AssocStats:
+    calling_aet: str
+    peer: str
+    started: float = field(default_factory=time.monotonic)
+    stored: int = 0
+    failed: int = 0
+
+
+class Receiver:
+    """Owns the AE and its server thread; :meth:`apply` updates the live-changeable settings."""
+
+    def __init__(self, settings: Settings, spool: Spool) -> None:
+        self.settings = settings
+        self.spool = spool
+        self.ae = self._build_ae(settings)
+        self._server: Any = None
+        self._stats: dict[int, _AssocStats] = {}
+        self._stats_lock = threading.Lock()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Bind and serve in background threads (one per association)."""
+        node = self.settings.node
+        handlers = [
+            (evt.EVT_CONN_OPEN, self._on_conn_open),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_RELEASED, self._on_closed),
+            (evt.EVT_ABORTED, self._on_closed),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+        ]
+        self._server = self.ae.start_server((node.host, node.port), block=False, evt_handlers=handlers)
+        log.info("scp_started", ae_title=node.ae_title, host=node.host, port=self.port,
+                 maximum_associations=node.maximum_associations)
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1]) if self._server is not None else self.settings.node.port
+
+    def active_associations(self) -> int:
+        return len(self._server.active_associations) if self._server is not None else 0
+
+    def stop(self, grace_seconds: float = 30.0) -> None:
+        """Stop accepting, let in-flight associations finish for up to *grace_seconds*, then abort."""
+        if self._server is None:
+            return
+        server, self._server = self._server, None
+        # TCPServer.shutdown stops the accept loop and server_close the listening socket; running
+        # associations keep their own threads and finish their current C-STORE.
+        server.shutdown()
+        deadline = time.monotonic() + grace_seconds
+        while server.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        remaining = server.active_associations
+        for assoc in remaining:
+            assoc.abort()
+        log.info("scp_stopped", aborted_associations=len(remaining))
+
+    def apply(self, settings: Settings) -> None:
+        """Apply settings that can change while running (allow-list, storage policy)."""
+        self.settings = settings
+        self.ae.require_calling_aet = list(settings.access.allowed_calling_aets)
+
+    # -- AE ------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _build_ae(settings: Settings) -> AE:
+        node = settings.node
+        ae = AE(ae_title=node.ae_title)
+        ae.maximum_associations = node.maximum_associations
+        ae.maximum_pdu_size = node.maximum_pdu_size
+        ae.acse_timeout = node.acse_timeout
+        ae.dimse_timeout = node.dimse_timeout
+        ae.network_timeout = node.network_timeout
+        ae.require_called_aet = node.require_called_aet
+        ae.require_calling_aet = list(settings.access.allowed_calling_aets)
+        # Accept every storage class a scanner may send along with the MR (secondary captures,
+        # reports, presentation states), so a study send never fails half-way; they are stored and
+        # later classified as none.
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
+        ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        return ae
+
+    # -- event handlers ------------------------------------------------------------------------
+
+    @staticmethod
+    def _peer(event: Any) -> str:
+        req = event.assoc.requestor
+        return f"{req.address}:{req.port}"
+
+    def _on_conn_open(self, event: Any) -> None:
+        # pynetdicom never sets TCP_NODELAY; without it each response can wait on Nagle + delayed ACK.
+        sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass  # not a TCP socket (or already closed): nothing to tune
+
+    def _on_accepted(self, event: Any) -> None:
+        calling = event.assoc.requestor.ae_title
+        with self._stats_lock:
+            self._stats[id(event.assoc)] = _AssocStats(calling_aet=calling, peer=self._peer(event))
+        log.info("association_accepted", calling_aet=calling, called_aet=event.assoc.acceptor.ae_title,
+                 peer=self._peer(event))
+
+    def _on_rejected(self, event: Any) -> None:
+        assoc = event.assoc
+        calling = assoc.requestor.ae_title
+        primitive = assoc.requestor.primitive
+        called = primitive.called_ae_title if primitive is not None else ""
+        allowed = [a.strip() for a in self.ae.require_calling_aet]
+        if allowed and calling not in allowed:
+            reason = "calling AE title not allowed"
+        elif self.ae.require_called_aet and called != self.ae.ae_title.strip():
+            reason = "called AE title is not ours"
+        else:
+            reason = "too many associations"
+        log.warning("association_rejected", calling_aet=calling, called_aet=called, peer=self._peer(event),
+                    reason=reason)
+
+    def _on_closed(self, event: Any) -> None:
+        with self._stats_lock:
+            stats = self._stats.pop(id(event.assoc), None)
+        if stats is None:
+            return
+        duration = time.monotonic() - stats.started
+        log.info(
+            "association_released" if event.event.name == "EVT_RELEASED" else "association_aborted",
+            calling_aet=stats.calling_aet, peer=stats.peer, stored=stats.stored, failed=stats.failed,
+            duration_ms=round(duration * 1000, 1),
+        )
+
+    def _count(self, event: Any, ok: bool) -> None:
+        with self._stats_lock:
+            stats = self._stats.get(id(event.assoc))
+            if stats is not None:
+                if ok:
+                    stats.stored += 1
+                else:
+                    stats.failed += 1
+
+    def _on_echo(self, event: Any) -> int:
+        log.info("echo_received", calling_aet=event.assoc.requestor.ae_title, peer=self._peer(event))
+        return EchoStatus.SUCCESS
+
+    def _on_store(self, event: Any) -> int:
+        status = self._store(event)
+        self._count(event, status == StoreStatus.SUCCESS)
+        return status
+
+    def _store(self, event: Any) -> StoreStatus:
+        t0 = time.perf_counter()
+        calling = event.assoc.requestor.ae_title
+        request = event.request
+        fields = {"calling_aet": calling, "peer": self._peer(event),
+                  "sop_uid": str(request.AffectedSOPInstanceUID or "")}
+        try:
+            ds = event.dataset
+            uids = {k: str(ds.get(k, "") or "").strip() for k in
+                    ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")}
+            extras = {k: str(ds.get(k, "") or "") for k in ("Modality", "SeriesNumber", "SeriesDescription")}
+        except Exception as exc:  # noqa: BLE001 - any decode failure of untrusted input is a failure status
+            log.warning("store_rejected", status=f"0x{StoreStatus.CANNOT_UNDERSTAND:04X}",
+                        reason=f"dataset cannot be decoded: {type(exc).__name__}: {exc}"[:300], **fields)
+            return StoreStatus.CANNOT_UNDERSTAND
+        missing = [k for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID") if not uids[k]]
+        if missing:
+            log.warning("store_rejected", status=f"0x{StoreStatus.MISSING_UID:04X}",
+                        reason=f"missing {', '.join(missing)}", **fields)
+            return StoreStatus.MISSING_UID
+        fields.update(study_uid=uids["StudyInstanceUID"], series_uid=uids["SeriesInstanceUID"],
+                      sop_uid=uids["SOPInstanceUID"])
+        if uids["SOPClassUID"] != request.AffectedSOPClassUID or uids["SOPInstanceUID"] != request.AffectedSOPInstanceUID:
+            log.warning("store_rejected", status=f"0x{StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS:04X}",
+                        reason="SOP Class/Instance UID in the data set differ from the C-STORE request", **fields)
+            return StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
+        storage = self.settings.storage
+        try:
+            free = self.spool.free_bytes()
+            if free < storage.min_free_mb * _MIB:
+                log.warning("store_refused_low_disk", status=f"0x{StoreStatus.OUT_OF_RESOURCES:04X}",
+                            free_mb=free // _MIB, min_free_mb=storage.min_free_mb, **fields)
+                return StoreStatus.OUT_OF_RESOURCES
+            rec = InstanceRecord(
+                sop_instance_uid=uids["SOPInstanceUID"], series_instance_uid=uids["SeriesInstanceUID"],
+                study_instance_uid=uids["StudyInstanceUID"], sop_class_uid=uids["SOPClassUID"],
+                transfer_syntax_uid=str(event.context.transfer_syntax), calling_aet=calling,
+                received_at=time.time(), modality=extras["Modality"], series_number=extras["SeriesNumber"],
+                series_description=extras["SeriesDescription"],
+            )
+            outcome = self.spool.store(event.encoded_dataset(include_meta=True), rec,
+                                       keep_first=storage.duplicate_policy == "keep_first")
+        except OSError as exc:
+            log.error("store_failed", status=f"0x{StoreStatus.OUT_OF_RESOURCES:04X}", error=str(exc), **fields)
+            return StoreStatus.OUT_OF_RESOURCES
+        if outcome.duplicate:
+            log.info("instance_duplicate", policy=storage.duplicate_policy,
+                     kept="first" if not outcome.stored else "later", **fields)
+        if outcome.reopened:
+            log.info("late_instance", late_policy=self.settings.assembly.late_policy, **fields)
+        log.info("instance_stored", status="0x0000", size=outcome.path.stat().st_size if outcome.stored else None,
+                 duration_ms=round((time.perf_counter() - t0) * 1000, 2), **fields)
+        return StoreStatus.SUCCESS

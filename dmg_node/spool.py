@@ -1,0 +1,502 @@
+"""Durable instance files plus the embedded SQLite index (instances, series, studies, jobs, outbox).
+
+Files are the truth: every instance is written as a DICOM Part 10 file with
+:func:`dmg_node.fsutil.atomic_write` *before* it is indexed, and :meth:`Spool.reconcile` re-indexes
+any file the index lost (a crash between rename and commit, or a WAL commit lost to a power cut:
+the index runs with ``synchronous=NORMAL``). Layout under ``storage.root``::
+
+    index.sqlite3                      the index (WAL mode)
+    studies/<study>/<series>/<sop>.dcm  one file per instance, bytes as received
+    outbox/<job>/<sop>.dcm             RTSTRUCTs waiting for their destinations
+
+UIDs become path components only when they are valid DICOM UIDs (PS3.5 9.1); anything else
+(``../``, letters, over 64 characters) is stored under a hashed name, so no input can write outside
+the spool. The true UIDs are kept in the index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import structlog
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+
+from dmg_node.errors import SpoolError
+from dmg_node.fsutil import TMP_SUFFIX, atomic_write
+
+log = structlog.get_logger(__name__)
+
+_UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS studies (
+    study_instance_uid TEXT PRIMARY KEY,
+    first_received_at REAL NOT NULL,
+    last_received_at REAL NOT NULL,
+    covered_until REAL             -- last_received_at seen by the newest job; NULL = never queued
+);
+CREATE TABLE IF NOT EXISTS series (
+    series_instance_uid TEXT PRIMARY KEY,
+    study_instance_uid TEXT NOT NULL,
+    modality TEXT NOT NULL DEFAULT '',
+    series_number TEXT NOT NULL DEFAULT '',
+    series_description TEXT NOT NULL DEFAULT '',
+    label TEXT,                    -- t1c/t2/flair/none once classified
+    reason TEXT                    -- why that label, or why the series was rejected
+);
+CREATE INDEX IF NOT EXISTS series_study ON series(study_instance_uid);
+CREATE TABLE IF NOT EXISTS instances (
+    sop_instance_uid TEXT PRIMARY KEY,
+    series_instance_uid TEXT NOT NULL,
+    study_instance_uid TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    transfer_syntax_uid TEXT NOT NULL,
+    path TEXT NOT NULL,            -- relative to the spool root
+    size INTEGER NOT NULL,
+    calling_aet TEXT NOT NULL,
+    received_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS instances_series ON instances(series_instance_uid);
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    study_instance_uid TEXT NOT NULL,
+    state TEXT NOT NULL,           -- pending, running, done, failed
+    attempts INTEGER NOT NULL DEFAULT 0,
+    covered_until REAL NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    error TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id INTEGER NOT NULL,
+    study_instance_uid TEXT NOT NULL,
+    source_series_uid TEXT NOT NULL,
+    sop_instance_uid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    state TEXT NOT NULL,           -- pending, sent, failed
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_status TEXT,
+    last_error TEXT,
+    next_try_at REAL NOT NULL,
+    created_at REAL NOT NULL,
+    sent_at REAL,
+    UNIQUE (sop_instance_uid, destination)
+);
+"""
+
+
+class JobState(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class OutboxState(StrEnum):
+    PENDING = "pending"
+    SENT = "sent"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """What the index keeps about one received instance."""
+
+    sop_instance_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    calling_aet: str
+    received_at: float
+    modality: str = ""
+    series_number: str = ""
+    series_description: str = ""
+
+
+@dataclass(frozen=True)
+class StoreOutcome:
+    """What :meth:`Spool.store` did: ``stored`` is False when a duplicate was kept out."""
+
+    path: Path
+    stored: bool
+    duplicate: bool
+    reopened: bool  # the study had been queued before: this instance arrived late
+
+
+@dataclass(frozen=True)
+class StudyRow:
+    study_instance_uid: str
+    first_received_at: float
+    last_received_at: float
+    covered_until: float | None
+    active_job: bool
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    study_instance_uid: str
+    state: JobState
+    attempts: int
+    covered_until: float
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    id: int
+    job_id: int
+    study_instance_uid: str
+    source_series_uid: str
+    sop_instance_uid: str
+    path: Path
+    destination: str
+    attempts: int
+    created_at: float
+
+
+def safe_component(uid: str) -> str:
+    """Return *uid* if it is a valid DICOM UID, else a stable hashed stand-in (never a path trick)."""
+    if len(uid) <= 64 and _UID_RE.fullmatch(uid):
+        return uid
+    return "x" + hashlib.sha256(uid.encode("utf-8", "surrogateescape")).hexdigest()[:40]
+
+
+class Spool:
+    """The spool folder and its index. Thread-safe: one connection behind a lock."""
+
+    def __init__(self, root: Path, *, fsync: bool = True) -> None:
+        self.root = root.resolve()
+        self.fsync = fsync
+        try:
+            (self.root / "studies").mkdir(parents=True, exist_ok=True)
+            (self.root / "outbox").mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.root / "index.sqlite3", check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA busy_timeout=10000")
+            self._db.executescript(_SCHEMA)
+            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        except (OSError, sqlite3.Error) as exc:
+            raise SpoolError(f"cannot open spool at {self.root}: {exc}") from exc
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # -- receiving ---------------------------------------------------------------------------
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        return (
+            self.root / "studies" / safe_component(study_uid) / safe_component(series_uid)
+            / f"{safe_component(sop_uid)}.dcm"
+        )
+
+    def store(self, data: bytes | memoryview, rec: InstanceRecord, *, keep_first: bool = False) -> StoreOutcome:
+        """Write one instance durably, then index it.
+
+        Parameters
+        ----------
+        data
+            The complete Part 10 file (preamble, meta, dataset as received).
+        rec
+            Its UIDs and provenance.
+        keep_first
+            On a duplicate SOP Instance UID keep the stored copy (``duplicate_policy = keep_first``);
+            by default the later copy replaces it.
+
+        Raises
+        ------
+        OSError
+            The file could not be written (e.g. ENOSPC); nothing was indexed.
+        """
+        path = self.instance_path(rec.study_instance_uid, rec.series_instance_uid, rec.sop_instance_uid)
+        existing = self._query(
+            "SELECT path FROM instances WHERE sop_instance_uid = ?", (rec.sop_instance_uid,)
+        )
+        duplicate = bool(existing)
+        if duplicate and keep_first:
+            return StoreOutcome(path=self.root / existing[0][0], stored=False, duplicate=True, reopened=False)
+        atomic_write(path, data, sync=self.fsync)
+        rel = str(path.relative_to(self.root))
+        if duplicate and existing[0][0] != rel:
+            # Same SOP Instance UID under another study/series: the later copy wins, drop the old file.
+            (self.root / existing[0][0]).unlink(missing_ok=True)
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO instances VALUES (?,?,?,?,?,?,?,?,?)",
+                (rec.sop_instance_uid, rec.series_instance_uid, rec.study_instance_uid, rec.sop_class_uid,
+                 rec.transfer_syntax_uid, rel, len(data), rec.calling_aet, rec.received_at),
+            )
+            db.execute(
+                "INSERT OR IGNORE INTO series (series_instance_uid, study_instance_uid, modality, series_number,"
+                " series_description) VALUES (?,?,?,?,?)",
+                (rec.series_instance_uid, rec.study_instance_uid, rec.modality, rec.series_number,
+                 rec.series_description),
+            )
+            row = db.execute(
+                "SELECT covered_until FROM studies WHERE study_instance_uid = ?",
+                (rec.study_instance_uid,),
+            ).fetchone()
+            if row is None:
+                db.execute(
+                    "INSERT INTO studies (study_instance_uid, first_received_at, last_received_at) VALUES (?,?,?)",
+                    (rec.study_instance_uid, rec.received_at, rec.received_at),
+                )
+            else:
+                db.execute(
+                    "UPDATE studies SET last_received_at = MAX(last_received_at, ?) WHERE study_instance_uid = ?",
+                    (rec.received_at, rec.study_instance_uid),
+                )
+        processed = row is not None and row[0] is not None
+        return StoreOutcome(path=path, stored=True, duplicate=duplicate, reopened=processed)
+
+    def reconcile(self) -> dict[str, int]:
+        """Start-up check: drop torn temp files, index files the index lost, requeue running work.
+
+        Returns
+        -------
+        dict
+            Counts: ``temp_removed``, ``reindexed``, ``unreadable``, ``jobs_requeued``.
+        """
+        counts = {"temp_removed": 0, "reindexed": 0, "unreadable": 0, "jobs_requeued": 0}
+        known = {r[0] for r in self._query("SELECT path FROM instances")}
+        studies = self.root / "studies"
+        for dirpath, _dirs, files in os.walk(studies):
+            for name in files:
+                full = Path(dirpath) / name
+                if name.endswith(TMP_SUFFIX):
+                    full.unlink(missing_ok=True)
+                    counts["temp_removed"] += 1
+                    continue
+                rel = str(full.relative_to(self.root))
+                if rel in known:
+                    continue
+                try:
+                    ds = dcmread(full, stop_before_pixels=True)
+                    rec = InstanceRecord(
+                        sop_instance_uid=str(ds.SOPInstanceUID), series_instance_uid=str(ds.SeriesInstanceUID),
+                        study_instance_uid=str(ds.StudyInstanceUID), sop_class_uid=str(ds.SOPClassUID),
+                        transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID), calling_aet="(reindexed)",
+                        received_at=full.stat().st_mtime, modality=str(ds.get("Modality", "")),
+                        series_number=str(ds.get("SeriesNumber", "")),
+                        series_description=str(ds.get("SeriesDescription", "")),
+                    )
+                except (InvalidDicomError, AttributeError, OSError, ValueError) as exc:
+                    log.error("spool_file_unreadable", path=rel, error=str(exc))
+                    counts["unreadable"] += 1
+                    continue
+                self._index_existing(rec, rel, full.stat().st_size)
+                counts["reindexed"] += 1
+        for outbox_tmp in (self.root / "outbox").rglob(f"*{TMP_SUFFIX}"):
+            outbox_tmp.unlink(missing_ok=True)
+            counts["temp_removed"] += 1
+        with self._tx() as db:
+            cur = db.execute("UPDATE jobs SET state = 'pending' WHERE state = 'running'")
+            counts["jobs_requeued"] = cur.rowcount
+        return counts
+
+    def _index_existing(self, rec: InstanceRecord, rel: str, size: int) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO instances VALUES (?,?,?,?,?,?,?,?,?)",
+                (rec.sop_instance_uid, rec.series_instance_uid, rec.study_instance_uid, rec.sop_class_uid,
+                 rec.transfer_syntax_uid, rel, size, rec.calling_aet, rec.received_at),
+            )
+            db.execute(
+                "INSERT OR IGNORE INTO series (series_instance_uid, study_instance_uid, modality, series_number,"
+                " series_description) VALUES (?,?,?,?,?)",
+                (rec.series_instance_uid, rec.study_instance_uid, rec.modality, rec.series_number,
+                 rec.series_description),
+            )
+            db.execute(
+                "INSERT INTO studies (study_instance_uid, first_received_at, last_received_at) VALUES (?,?,?)"
+                " ON CONFLICT(study_instance_uid) DO UPDATE SET"
+                " last_received_at = MAX(last_received_at, excluded.last_received_at)",
+                (rec.study_instance_uid, rec.received_at, rec.received_at),
+            )
+
+    # -- assembly and jobs ---------------------------------------------------------------------
+
+    def studies(self) -> list[StudyRow]:
+        rows = self._query(
+            "SELECT s.study_instance_uid, s.first_received_at, s.last_received_at, s.covered_until,"
+            " EXISTS (SELECT 1 FROM jobs j WHERE j.study_instance_uid = s.study_instance_uid"
+            "         AND j.state IN ('pending', 'running'))"
+            " FROM studies s"
+        )
+        return [StudyRow(r[0], r[1], r[2], r[3], bool(r[4])) for r in rows]
+
+    def enqueue(self, study_uid: str, covered_until: float, now: float) -> int:
+        """Create a pending job for *study_uid* covering instances received up to *covered_until*."""
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT INTO jobs (study_instance_uid, state, covered_until, created_at, updated_at)"
+                " VALUES (?, 'pending', ?, ?, ?)",
+                (study_uid, covered_until, now, now),
+            )
+            db.execute(
+                "UPDATE studies SET covered_until = ? WHERE study_instance_uid = ?", (covered_until, study_uid)
+            )
+            return int(cur.lastrowid or 0)
+
+    def claim_job(self, now: float) -> Job | None:
+        """Take the oldest pending job, mark it running and count the attempt."""
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT id, study_instance_uid, attempts, covered_until FROM jobs WHERE state = 'pending'"
+                " ORDER BY id LIMIT 1"
+            ).fetchone()
+            if row is None:
+                return None
+            db.execute(
+                "UPDATE jobs SET state = 'running', attempts = attempts + 1, updated_at = ? WHERE id = ?",
+                (now, row[0]),
+            )
+        return Job(id=row[0], study_instance_uid=row[1], state=JobState.RUNNING, attempts=row[2] + 1,
+                   covered_until=row[3])
+
+    def finish_job(self, job_id: int, state: JobState, now: float, error: str | None = None) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET state = ?, updated_at = ?, error = ? WHERE id = ?",
+                       (str(state), now, error, job_id))
+
+    def jobs(self, limit: int = 50) -> list[dict[str, Any]]:
+        rows = self._query(
+            "SELECT id, study_instance_uid, state, attempts, created_at, updated_at, error FROM jobs"
+            " ORDER BY id DESC LIMIT ?", (limit,)
+        )
+        keys = ("id", "study_instance_uid", "state", "attempts", "created_at", "updated_at", "error")
+        return [dict(zip(keys, r)) for r in rows]
+
+    def series_files(self, study_uid: str) -> dict[str, list[Path]]:
+        """Files of each series of a study, by SeriesInstanceUID."""
+        out: dict[str, list[Path]] = {}
+        for series_uid, rel in self._query(
+            "SELECT series_instance_uid, path FROM instances WHERE study_instance_uid = ? ORDER BY path",
+            (study_uid,),
+        ):
+            out.setdefault(series_uid, []).append(self.root / rel)
+        return out
+
+    def set_series_result(self, series_uid: str, label: str | None, reason: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE series SET label = ?, reason = ? WHERE series_instance_uid = ?",
+                       (label, reason, series_uid))
+
+    # -- outbox --------------------------------------------------------------------------------
+
+    def add_outbox(self, job_id: int, study_uid: str, source_series_uid: str, sop_uid: str, data: bytes,
+                   destinations: list[str], now: float) -> Path:
+        """Write an RTSTRUCT durably and queue it for each destination (idempotent per SOP UID)."""
+        path = self.root / "outbox" / str(job_id) / f"{safe_component(sop_uid)}.dcm"
+        atomic_write(path, data, sync=self.fsync)
+        rel = str(path.relative_to(self.root))
+        with self._tx() as db:
+            for dest in destinations:
+                db.execute(
+                    "INSERT OR IGNORE INTO outbox (job_id, study_instance_uid, source_series_uid, sop_instance_uid,"
+                    " path, destination, state, next_try_at, created_at) VALUES (?,?,?,?,?,?,'pending',?,?)",
+                    (job_id, study_uid, source_series_uid, sop_uid, rel, dest, now, now),
+                )
+        return path
+
+    def due_outbox(self, now: float, destination: str | None = None, limit: int = 20) -> list[OutboxItem]:
+        sql = ("SELECT id, job_id, study_instance_uid, source_series_uid, sop_instance_uid, path, destination,"
+               " attempts, created_at FROM outbox WHERE state = 'pending' AND next_try_at <= ?")
+        args: tuple[Any, ...] = (now,)
+        if destination is not None:
+            sql += " AND destination = ?"
+            args += (destination,)
+        rows = self._query(sql + " ORDER BY next_try_at, id LIMIT ?", args + (limit,))
+        return [OutboxItem(r[0], r[1], r[2], r[3], r[4], self.root / r[5], r[6], r[7], r[8]) for r in rows]
+
+    def next_outbox_time(self) -> float | None:
+        row = self._query("SELECT MIN(next_try_at) FROM outbox WHERE state = 'pending'")
+        return None if row[0][0] is None else float(row[0][0])
+
+    def outbox_result(self, item_id: int, state: OutboxState, status: str, error: str | None,
+                      now: float, next_try_at: float) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE outbox SET state = ?, attempts = attempts + 1, last_status = ?, last_error = ?,"
+                " next_try_at = ?, sent_at = CASE WHEN ? = 'sent' THEN ? ELSE sent_at END WHERE id = ?",
+                (str(state), status, error, next_try_at, str(state), now, item_id),
+            )
+
+    def outbox(self, limit: int = 50) -> list[dict[str, Any]]:
+        rows = self._query(
+            "SELECT id, job_id, sop_instance_uid, destination, state, attempts, last_status, last_error,"
+            " next_try_at, sent_at FROM outbox ORDER BY id DESC LIMIT ?", (limit,)
+        )
+        keys = ("id", "job_id", "sop_instance_uid", "destination", "state", "attempts", "last_status",
+                "last_error", "next_try_at", "sent_at")
+        return [dict(zip(keys, r)) for r in rows]
+
+    # -- status --------------------------------------------------------------------------------
+
+    def summary(self) -> list[dict[str, Any]]:
+        """Studies with their series, instance counts, labels and newest job state (for ``status``)."""
+        studies: dict[str, dict[str, Any]] = {}
+        for uid, first, last, covered, job_state, job_id, attempts, error in self._query(
+            "SELECT s.study_instance_uid, s.first_received_at, s.last_received_at, s.covered_until,"
+            " j.state, j.id, j.attempts, j.error FROM studies s"
+            " LEFT JOIN jobs j ON j.id = (SELECT MAX(id) FROM jobs WHERE study_instance_uid = s.study_instance_uid)"
+            " ORDER BY s.last_received_at"
+        ):
+            state = "waiting" if covered is None or last > covered else (job_state or "waiting")
+            studies[uid] = {
+                "study_instance_uid": uid, "first_received_at": first, "last_received_at": last,
+                "state": state, "job_id": job_id, "attempts": attempts or 0, "error": error, "series": [],
+            }
+        for series_uid, study_uid, modality, number, desc, label, reason, n in self._query(
+            "SELECT se.series_instance_uid, se.study_instance_uid, se.modality, se.series_number,"
+            " se.series_description, se.label, se.reason, COUNT(i.sop_instance_uid) FROM series se"
+            " LEFT JOIN instances i ON i.series_instance_uid = se.series_instance_uid"
+            " GROUP BY se.series_instance_uid ORDER BY se.series_number"
+        ):
+            if study_uid in studies:
+                studies[study_uid]["series"].append({
+                    "series_instance_uid": series_uid, "modality": modality, "series_number": number,
+                    "series_description": desc, "instances": n, "label": label, "reason": reason,
+                })
+        return list(studies.values())
+
+    def instance_count(self) -> int:
+        return int(self._query("SELECT COUNT(*) FROM instances")[0][0])

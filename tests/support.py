@@ -1,0 +1,203 @@
+"""Test helpers: free ports, small MR series on disk, DCMTK/Orthanc runners, a node subprocess.
+
+Every process started here is bounded in time and stopped (killed if it will not stop) by the
+context manager that started it; every socket is on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+LOCALHOST = "127.0.0.1"
+DCMTK = {name: f"/usr/bin/{name}" for name in ("storescu", "storescp", "echoscu", "dcmdump", "dcmcjpeg", "dcmdjpeg")}
+
+
+def free_port() -> int:
+    """A TCP port that was free on 127.0.0.1 a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((LOCALHOST, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 30.0, proc: subprocess.Popen[Any] | None = None) -> None:
+    """Wait until something listens on 127.0.0.1:*port* (fail early if *proc* died)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        with socket.socket() as s:
+            s.settimeout(0.2)
+            if s.connect_ex((LOCALHOST, port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {LOCALHOST}:{port} after {timeout} s")
+
+
+def dcmtk_env() -> dict[str, str]:
+    """Environment for DCMTK tools: TCP_NODELAY=1 or every image waits ~50 ms on Nagle."""
+    return {**os.environ, "TCP_NODELAY": "1"}
+
+
+def mr_dataset(
+    study_uid: str, series_uid: str, index: int, *, rows: int = 64, cols: int = 64,
+    patient_name: str = "DOE^JANE", description: str = "T2 TSE AX", seed: int = 0,
+) -> Dataset:
+    """One classic MR Image Storage slice (axial, 1 mm pixels, 4 mm slices) with 12-bit pixels."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
+    sop_uid = generate_uid(entropy_srcs=[series_uid, str(index)])
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.SOPClassUID = MRImageStorage
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.FrameOfReferenceUID = generate_uid(entropy_srcs=[study_uid, "for"])
+    ds.Modality = "MR"
+    ds.PatientName = patient_name
+    ds.PatientID = "PID-SECRET-123"
+    ds.PatientBirthDate = "19800101"
+    ds.PatientSex = "F"
+    ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber = "20260101", "120000", "1", "ACC1"
+    ds.ReferringPhysicianName = ""
+    ds.SeriesNumber, ds.InstanceNumber = 3, index + 1
+    ds.SeriesDescription = description
+    ds.ScanningSequence, ds.SequenceVariant, ds.MRAcquisitionType = "SE", ["SK", "SP"], "2D"
+    ds.RepetitionTime, ds.EchoTime = 5000, 100
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "NORM"]
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.ImagePositionPatient = [-cols / 2, -rows / 2, 4.0 * index]
+    ds.PixelSpacing = [1.0, 1.0]
+    ds.SliceThickness = 4.0
+    ds.Rows, ds.Columns = rows, cols
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    rng = np.random.default_rng(seed + index)
+    ds.PixelData = rng.integers(0, 4096, size=(rows, cols), dtype=np.uint16).tobytes()
+    return ds
+
+
+def write_series(folder: Path, n: int, **kw: Any) -> list[Path]:
+    """Write an *n*-slice MR series into *folder*; returns the file paths in slice order."""
+    folder.mkdir(parents=True, exist_ok=True)
+    study_uid = kw.pop("study_uid", None) or generate_uid()
+    series_uid = kw.pop("series_uid", None) or generate_uid()
+    paths = []
+    for i in range(n):
+        ds = mr_dataset(study_uid, series_uid, i, **kw)
+        p = folder / f"{i:04d}.dcm"
+        ds.save_as(p, enforce_file_format=True)
+        paths.append(p)
+    return paths
+
+
+@dataclass
+class NodeProcess:
+    """A `dmg-node serve` subprocess with its own config and spool under a temp dir."""
+
+    workdir: Path
+    port: int
+    config_path: Path
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    def events(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                out.append(json.loads(line))
+        return out
+
+    def wait_event(self, name: str, timeout: float = 30.0, **match: Any) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for e in self.events():
+                if e.get("event") == name and all(e.get(k) == v for k, v in match.items()):
+                    return e
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"node exited ({self.proc.returncode}) while waiting for {name}:\n"
+                                   + self.log_path.read_text()[-3000:])
+            time.sleep(0.1)
+        raise TimeoutError(f"no {name} {match} within {timeout} s:\n" + self.log_path.read_text()[-3000:])
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return int(self.proc.returncode)
+
+
+def node_config(workdir: Path, port: int, **sections: dict[str, Any]) -> Path:
+    """Write a node.toml for a test node: loopback, its own spool, fast polling, no models."""
+    base: dict[str, dict[str, Any]] = {
+        "node": {"ae_title": "DMG_NODE", "host": LOCALHOST, "port": port},
+        "storage": {"root": str(workdir / "spool"), "min_free_mb": 1},
+        "assembly": {"quiet_seconds": 2.0, "poll_seconds": 0.2},
+        "outbox": {"poll_seconds": 0.2, "retry_initial_seconds": 0.5, "retry_max_seconds": 2.0},
+        "models": {"dir": str(workdir / "no-models")},
+        "logging": {"level": "info", "format": "json"},
+    }
+    destinations = sections.pop("destinations", [])
+    for key, values in sections.items():
+        base.setdefault(key, {}).update(values)
+    lines = []
+    for section, values in base.items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {_toml(v)}" for k, v in values.items()]
+    for d in destinations:
+        lines.append("[[destinations]]")
+        lines += [f"{k} = {_toml(v)}" for k, v in d.items()]
+    path = workdir / "node.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _toml(v: Any) -> str:
+    return json.dumps([str(x) if isinstance(x, Path) else x for x in v] if isinstance(v, list) else
+                      (str(v) if isinstance(v, Path) else v))
+
+
+@contextlib.contextmanager
+def running_node(workdir: Path, **sections: dict[str, Any]) -> Iterator[NodeProcess]:
+    """Start `dmg-node serve` on a free loopback port; always stopped on exit."""
+    port = free_port()
+    cfg = node_config(workdir, port, **sections)
+    log_path = workdir / "node.log"
+    with open(log_path, "wb") as logf:
+        proc = subprocess.Popen([sys.executable, "-m", "dmg_node.cli", "serve", "--config", str(cfg)],
+                                stdout=logf, stderr=subprocess.STDOUT, cwd=workdir)
+    node = NodeProcess(workdir, port, cfg, proc, log_path)
+    try:
+        node.wait_event("node_started", timeout=120)
+        yield node
+    finally:
+        node.stop()
+
+
+def require_tool(path: str) -> str:
+    """Return *path* if the tool is installed, else fail with the install hint (no silent skips)."""
+    if shutil.which(path) is None:
+        raise RuntimeError(f"{path} is not installed: apt-get install -y dcmtk orthanc dicom3tools plastimatch")
+    return path

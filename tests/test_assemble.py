@@ -1,0 +1,47 @@
+"""Quiet-period completion decisions (pure)."""
+
+from __future__ import annotations
+
+from dmg_node.assemble import LatePolicy, due_studies
+from dmg_node.spool import StudyRow
+
+
+def _row(uid: str, last: float, covered: float | None = None, active: bool = False) -> StudyRow:
+    return StudyRow(uid, 0.0, last, covered, active)
+
+
+def test_waits_for_quiet_period() -> None:
+    """A study is due only once quiet_seconds have passed since its last instance."""
+    assert due_studies([_row("a", 100.0)], 159.9, 60, LatePolicy.REPROCESS) == []
+    [d] = due_studies([_row("a", 100.0)], 160.0, 60, LatePolicy.REPROCESS)
+    assert d.study_instance_uid == "a" and d.covered_until == 100.0 and not d.late
+
+
+def test_clock_is_per_study_and_oldest_first() -> None:
+    """Each study has its own clock; due studies come oldest first."""
+    rows = [_row("new", 150.0), _row("old", 50.0), _row("mid", 90.0)]
+    assert [d.study_instance_uid for d in due_studies(rows, 155.0, 60, LatePolicy.REPROCESS)] == ["old", "mid"]
+
+
+def test_never_twice_while_active() -> None:
+    """A study with a pending or running job is not queued again."""
+    assert due_studies([_row("a", 0.0, None, active=True)], 1000, 60, LatePolicy.REPROCESS) == []
+
+
+def test_covered_study_is_not_requeued() -> None:
+    """A study whose job covered its last instance is done."""
+    assert due_studies([_row("a", 100.0, covered=100.0)], 1000, 60, LatePolicy.REPROCESS) == []
+
+
+def test_late_arrival_reprocess_or_ignore() -> None:
+    """A late instance re-queues the study after a new quiet period under reprocess, never under ignore."""
+    row = _row("a", 300.0, covered=100.0)
+    assert due_studies([row], 330.0, 60, LatePolicy.REPROCESS) == []
+    [d] = due_studies([row], 360.0, 60, LatePolicy.REPROCESS)
+    assert d.late and d.covered_until == 300.0
+    assert due_studies([row], 10_000.0, 60, LatePolicy.IGNORE) == []
+
+
+def test_zero_quiet_period() -> None:
+    """quiet_seconds = 0 queues a study at once."""
+    assert len(due_studies([_row("a", 5.0)], 5.0, 0, LatePolicy.REPROCESS)) == 1

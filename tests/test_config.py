@@ -1,0 +1,93 @@
+"""Config loading: defaults, validation messages that name the key and the file, exit code 3."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dmg_node import config
+from dmg_node.cli import EXIT_CONFIG, main
+from dmg_node.errors import ConfigError
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "node.toml"
+    p.write_text(text)
+    return p
+
+
+def test_shipped_default_config_loads() -> None:
+    """The shipped config/node.toml is valid and matches the documented defaults."""
+    s = config.load()
+    assert s.node.ae_title == "DMG_NODE" and s.node.port == 11112
+    assert s.node.maximum_pdu_size == 0 and s.node.maximum_associations == 10
+    assert s.assembly.quiet_seconds == 60 and s.assembly.late_policy == "reprocess"
+    assert s.access.allowed_calling_aets == ()
+    assert s.destinations[0].name == "tps"
+    assert s.logging.format == "json" and s.logging.include_phi is False
+
+
+def test_every_dataclass_default_matches_shipped_file() -> None:
+    """The shipped file spells out the same values the code uses when a key is missing."""
+    shipped = config.load()
+    empty = config.from_dict({})
+    for section in ("node", "storage", "assembly", "access", "models", "outbox", "rtstruct", "classify", "logging"):
+        assert getattr(shipped, section) == getattr(empty, section), section
+
+
+def test_empty_file_gives_defaults(tmp_path: Path) -> None:
+    """An empty file is valid: every key has a default."""
+    s = config.load(_write(tmp_path, ""))
+    assert s.node.port == 11112 and s.destinations == ()
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("[node]\nport = 70000\n", "'node.port' must be between 1 and 65535"),
+        ("[node]\nport = \"104\"\n", "'node.port' must be an integer"),
+        ("[node]\nbogus = 1\n", "unknown key 'node.bogus'"),
+        ("[nodes]\nport = 1\n", "unknown key 'nodes'"),
+        ("[node]\nae_title = \"THIS_TITLE_IS_WAY_TOO_LONG\"\n", "'node.ae_title' must be a DICOM AE title"),
+        ("[node]\nae_title = \"BAD\\\\AE\"\n", "'node.ae_title' must be a DICOM AE title"),
+        ("[assembly]\nlate_policy = \"sometimes\"\n", "'assembly.late_policy' must be one of reprocess, ignore"),
+        ("[access]\nallowed_calling_aets = \"SCANNER\"\n", "'access.allowed_calling_aets' must be an array"),
+        ("[[destinations]]\nname = \"a\"\nae_title = \"A\"\nhost = \"h\"\nport = 0\n", "'destinations[0].port'"),
+        ("[[destinations]]\nname = \"a\"\nhost = \"h\"\nport = 5\n", "missing required key 'destinations[0].ae_title'"),
+        ("[logging]\nformat = \"xml\"\n", "'logging.format' must be one of json, console"),
+        ("[models]\ndevice = \"tpu\"\n", "'models.device' must be auto, cpu"),
+        ("[rtstruct]\ncolor = [255, 0]\n", "'rtstruct.color' must be three integers"),
+        ("[storage]\nfsync = \"yes\"\n", "'storage.fsync' must be true or false"),
+        ("node = 5\n", "[node] must be a table"),
+        ("[node\n", "not valid TOML"),
+    ],
+)
+def test_bad_config_names_key_and_file(tmp_path: Path, text: str, needle: str) -> None:
+    """Each broken config raises ConfigError whose message names the file and the offending key."""
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    assert needle in str(info.value)
+    assert str(path) in str(info.value)
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    """A missing file is a ConfigError naming the path, not a traceback."""
+    with pytest.raises(ConfigError, match="cannot read config file .*missing.toml"):
+        config.load(tmp_path / "missing.toml")
+
+
+def test_duplicate_destination_names(tmp_path: Path) -> None:
+    """Destination names must be unique (the outbox keys on them)."""
+    d = '[[destinations]]\nname = "tps"\nae_title = "A"\nhost = "h"\nport = 5\n'
+    with pytest.raises(ConfigError, match="'tps' appears twice"):
+        config.load(_write(tmp_path, d + d))
+
+
+def test_cli_bad_config_exits_3_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`dmg-node serve` with a bad config prints one clear line and exits with EXIT_CONFIG."""
+    path = _write(tmp_path, "[node]\nport = -1\n")
+    assert main(["serve", "--config", str(path)]) == EXIT_CONFIG
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "node.port" in err[0] and str(path) in err[0]

@@ -1,0 +1,130 @@
+"""Spool: durable files, the index, duplicates, unsafe UIDs, reconcile, jobs and outbox."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from dmg_node.fsutil import TMP_SUFFIX
+from dmg_node.spool import InstanceRecord, JobState, OutboxState, Spool, safe_component
+
+
+def _rec(sop: str = "1.2.3.4", series: str = "1.2.3", study: str = "1.2", t: float = 100.0) -> InstanceRecord:
+    return InstanceRecord(sop, series, study, "1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.1.2.1", "SCANNER", t,
+                          "MR", "3", "T2 TSE")
+
+
+def test_store_writes_file_and_index(tmp_path: Path) -> None:
+    """A stored instance is a file with exactly the given bytes and one index row."""
+    sp = Spool(tmp_path)
+    out = sp.store(b"abc", _rec())
+    assert out.stored and not out.duplicate and out.path.read_bytes() == b"abc"
+    assert out.path == tmp_path.resolve() / "studies" / "1.2" / "1.2.3" / "1.2.3.4.dcm"
+    assert sp.instance_count() == 1
+    assert sp.series_files("1.2") == {"1.2.3": [out.path]}
+    assert not list(tmp_path.rglob(f"*{TMP_SUFFIX}"))
+
+
+def test_duplicate_replace_and_keep_first(tmp_path: Path) -> None:
+    """The later copy wins by default; keep_first keeps the stored bytes; both index once."""
+    sp = Spool(tmp_path)
+    sp.store(b"first", _rec())
+    out = sp.store(b"second", _rec())
+    assert out.duplicate and out.stored and out.path.read_bytes() == b"second"
+    out = sp.store(b"third", _rec(), keep_first=True)
+    assert out.duplicate and not out.stored and out.path.read_bytes() == b"second"
+    assert sp.instance_count() == 1
+
+
+def test_duplicate_under_other_series_moves_file(tmp_path: Path) -> None:
+    """A SOP UID re-sent under another series leaves one file, at the new place."""
+    sp = Spool(tmp_path)
+    old = sp.store(b"a", _rec(series="1.2.3")).path
+    new = sp.store(b"b", _rec(series="1.2.9")).path
+    assert not old.exists() and new.read_bytes() == b"b" and sp.instance_count() == 1
+
+
+@pytest.mark.parametrize("uid", ["../../etc", "1.2/../../x", "abc", "1." * 40, "", "1.2\x00.3"])
+def test_unsafe_uids_stay_inside_spool(tmp_path: Path, uid: str) -> None:
+    """UIDs that are not valid DICOM UIDs are stored under a hashed name inside the spool."""
+    sp = Spool(tmp_path / "spool")
+    out = sp.store(b"x", _rec(sop=uid or "9", series=uid, study=uid))
+    assert tmp_path.resolve() / "spool" / "studies" in out.path.parents
+    assert safe_component(uid).startswith("x") and "/" not in safe_component(uid)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spool"]
+
+
+def test_write_error_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ENOSPC while writing raises OSError, leaves no file, no temp file and no index row."""
+    sp = Spool(tmp_path)
+
+    def full(fd: int, data: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(OSError):
+        sp.store(b"abc", _rec())
+    monkeypatch.undo()
+    assert sp.instance_count() == 0
+    assert [p for p in tmp_path.rglob("*") if p.is_file() and not p.name.startswith("index.sqlite3")] == []
+
+
+def test_reconcile_reindexes_lost_files_and_drops_temps(tmp_path: Path) -> None:
+    """After a crash, files the index lost are indexed again and torn temp files are removed."""
+    from tests.support import mr_dataset
+
+    sp = Spool(tmp_path)
+    ds = mr_dataset("1.2", "1.2.3", 0)
+    lost = sp.instance_path("1.2", "1.2.3", ds.SOPInstanceUID)
+    lost.parent.mkdir(parents=True)
+    ds.save_as(lost, enforce_file_format=True)
+    torn = lost.parent / f".x.dcm.abc{TMP_SUFFIX}"
+    torn.write_bytes(b"half")
+    job = sp.enqueue("1.2", 1.0, 2.0)
+    assert sp.claim_job(3.0) is not None
+    counts = sp.reconcile()
+    assert counts == {"temp_removed": 1, "reindexed": 1, "unreadable": 0, "jobs_requeued": 1}
+    assert not torn.exists() and sp.instance_count() == 1
+    claimed = sp.claim_job(4.0)
+    assert claimed is not None and claimed.id == job and claimed.attempts == 2
+
+
+def test_job_lifecycle_and_summary(tmp_path: Path) -> None:
+    """A study is waiting until queued; its job moves pending -> running -> done in the summary."""
+    sp = Spool(tmp_path)
+    sp.store(b"a", _rec(t=10.0))
+    assert sp.summary()[0]["state"] == "waiting"
+    assert sp.studies()[0].covered_until is None
+    jid = sp.enqueue("1.2", 10.0, 80.0)
+    assert sp.studies()[0].active_job
+    job = sp.claim_job(81.0)
+    assert job is not None and job.id == jid and job.attempts == 1
+    assert sp.summary()[0]["state"] == "running"
+    sp.finish_job(jid, JobState.DONE, 90.0)
+    summary = sp.summary()[0]
+    assert summary["state"] == "done" and summary["series"][0]["instances"] == 1
+    assert sp.claim_job(91.0) is None
+    # a late instance re-opens the study
+    out = sp.store(b"b", _rec(sop="1.2.3.5", t=95.0))
+    assert out.reopened and sp.summary()[0]["state"] == "waiting"
+
+
+def test_outbox_retry_and_sent(tmp_path: Path) -> None:
+    """Outbox items are durable files, due by time, and leave the queue only when sent."""
+    sp = Spool(tmp_path)
+    path = sp.add_outbox(1, "1.2", "1.2.3", "1.2.9", b"RT", ["tps", "archive"], now=0.0)
+    assert path.read_bytes() == b"RT"
+    items = sp.due_outbox(0.0)
+    assert {i.destination for i in items} == {"tps", "archive"}
+    tps = next(i for i in items if i.destination == "tps")
+    sp.outbox_result(tps.id, OutboxState.PENDING, "no-response", "timeout", now=1.0, next_try_at=50.0)
+    assert [i.destination for i in sp.due_outbox(10.0)] == ["archive"]
+    assert [i.destination for i in sp.due_outbox(60.0, destination="tps")] == ["tps"]
+    sp.outbox_result(tps.id, OutboxState.SENT, "0x0000", None, now=61.0, next_try_at=61.0)
+    assert [i.destination for i in sp.due_outbox(100.0)] == ["archive"]
+    # queuing the same RTSTRUCT again (a re-run job) does not duplicate rows
+    sp.add_outbox(1, "1.2", "1.2.3", "1.2.9", b"RT", ["tps", "archive"], now=0.0)
+    assert len(sp.outbox()) == 2
