@@ -91,11 +91,12 @@ class Pipeline:
             except (OSError, ValueError) as exc:
                 self.spool.set_series_result(series_uid, "none", f"unreadable header: {exc}")
                 continue
-            result = classify(header_from_dataset(ds, n_instances=len(paths)), self.rules)
+            header = header_from_dataset(ds, n_instances=len(paths))
+            result = classify(header, self.rules)
             self.spool.set_series_result(series_uid, result.label.value, result.reason)
             log.info("series_classified", series_uid=series_uid, label=result.label.value, reason=result.reason,
                      instances=len(paths))
-            candidates.append((header_from_dataset(ds, n_instances=len(paths)), result))
+            candidates.append((header, result))
         outputs = []
         for label, choice in choose(candidates).items():
             log.info("series_chosen", label=label.value, series_uid=choice.series_instance_uid, reason=choice.reason)

@@ -1,1 +1,531 @@
-"""Mask + source series -> RTSTRUCT dataset (rt-utils, wrapped and corrected). Being written."""
+"""Mask + source series -> RTSTRUCT dataset (RT Structure Set IOD, PS3.3 A.19), and back.
+
+rt-utils' helpers build the dataset skeleton (Patient, General Study, the Referenced Frame of
+Reference Sequence listing every source instance, the Structure Set ROI item). They are handed
+header-only stand-ins built from the datasets we were given (never a folder: its loader mixes
+series and skips compressed images). What they get wrong is overwritten or added here (random
+UIDs, the source's series date copied as ours, missing Type 2 study attributes); its base
+dataset (clock, ``ISO_IR 100``, "Qurit" equipment) and its RT ROI Observations item (empty RT
+ROI Interpreted Type) are not used.
+
+The contours are NOT rt-utils': it traces voxel centres (a half-voxel inset), swaps row and
+column spacing, takes z from the mean slice spacing and can emit 1-2 point contours. Correcting
+that chain code is messier than tracing the mask ourselves, so :func:`_slice_polygons` traces
+the voxel-edge boundary exactly (pixel corners), with holes joined to their outer boundary by a
+zero-width cut along a pixel edge (a "keyhole"). A reader that fills each contour at voxel
+centres by the even-odd or non-zero rule gives the mask back voxel for voxel whether it ORs the
+contours of a slice (plastimatch's default, which would fill nested hole contours) or XORs them.
+Each point is placed with the slice's own Image Position (Patient), not a mean spacing.
+"""
+
+from __future__ import annotations
+
+import datetime
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import structlog
+from pydicom.charset import python_encoding
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filewriter import dcmwrite
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import UID, ImplicitVRLittleEndian, RTStructureSetStorage
+from pydicom.valuerep import format_number_as_ds
+from rt_utils import ds_helper
+from rt_utils.utils import ROIData
+
+import dmg_node
+from dmg_node.errors import RtStructError
+from dmg_node.fsutil import atomic_write
+from dmg_node.volume import Volume
+
+log = structlog.get_logger(__name__)
+
+UTF8_CHARSET = "ISO_IR 192"
+# Coordinates are written to 1 micrometre: far below the half voxel that separates a boundary
+# from a voxel centre, and short enough (<= 9 characters) to keep one contour of ~2400 points
+# under the 64 KiB value limit of Explicit VR (PS3.5 7.1.2).
+DECIMALS_MM = 3
+EXPLICIT_VR_MAX_VALUE_BYTES = 0xFFFE
+# A source slice may sit this fraction of the slice step away from the volume's regular grid
+# (build_volume allows 5 % irregular gaps); more means source and volume disagree.
+MAX_SLICE_OFFSET_FRACTION = 0.5
+_TEXT_VRS = frozenset({"PN", "LO", "SH", "ST", "LT", "UT", "UC"})
+# Type 2 attributes of the Patient and General Study modules (PS3.3 C.7.1.1, C.7.2.1), copied
+# from the source and present but empty when it lacks them; then Type 3 ones copied if present.
+_COPIED_TYPE2 = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+    "StudyDate", "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName",
+)
+_COPIED_TYPE3 = ("IssuerOfPatientID", "StudyDescription")
+# Empty Type 3 attributes that rt-utils writes.
+_RT_UTILS_EXTRAS = ("PatientAge", "PatientSize", "PatientWeight")
+
+
+@dataclass(frozen=True)
+class RoiSpec:
+    """The one structure written: name, display colour and how it was generated."""
+
+    name: str
+    color: tuple[int, int, int]
+    generation_description: str
+    interpreted_type: str = "GTV"
+
+
+@dataclass(frozen=True)
+class RtStructMeta:
+    """Identity and provenance of the RTSTRUCT instance, chosen by the caller (keeps the builder pure)."""
+
+    sop_instance_uid: str
+    series_instance_uid: str
+    created: datetime.datetime
+    manufacturer: str = "dmg-node"
+    software_version: str = dmg_node.__version__
+    series_description: str = "AI-generated DMG contour - UNAPPROVED, review required"
+    structure_set_label: str = "DMG_AI"
+
+
+def build_rtstruct(
+    source: Sequence[Dataset], volume: Volume, mask: npt.NDArray[np.bool_], roi: RoiSpec, meta: RtStructMeta
+) -> Dataset:
+    """Build an RT Structure Set (PS3.3 A.19) holding *mask* as one closed-planar ROI.
+
+    Parameters
+    ----------
+    source
+        The datasets of the segmented series, exactly the instances of *volume* (one per slice,
+        or one Enhanced MR object whose frames are referenced by Referenced Frame Number).
+    volume
+        The volume built from *source*; its affine gives the in-plane axes.
+    mask
+        Boolean array of ``volume.array``'s shape (slices, rows, columns).
+    roi
+        Name, colour and generation description of the structure (ROIGenerationAlgorithm is
+        AUTOMATIC, PS3.3 C.8.8.5).
+    meta
+        UIDs, creation time and labels of the new instance (no UID or clock is read here).
+
+    Returns
+    -------
+    Dataset
+        A Part 10 ready dataset (file meta: Implicit VR Little Endian).
+
+    Raises
+    ------
+    RtStructError
+        If the mask is empty, has the wrong shape or type, or *source* does not match *volume*.
+    """
+    if mask.shape != volume.array.shape or mask.dtype != np.bool_:
+        raise RtStructError(f"mask must be bool of shape {volume.array.shape}; found {mask.dtype} {mask.shape}")
+    if not mask.any():
+        raise RtStructError("mask is empty")
+    if any(not 0 <= c <= 255 for c in roi.color) or len(roi.color) != 3:
+        raise RtStructError(f"ROI colour must be three values in 0..255; found {roi.color}")
+    by_uid = _check_source(source, volume)
+    ds = _skeleton(_stand_ins(source, volume, by_uid), by_uid[volume.sop_instance_uids[0]], meta)
+    ds.StructureSetROISequence.append(
+        ds_helper.create_structure_set_roi(
+            ROIData(mask, list(roi.color), 1, _fit(roi.name, 64), volume.frame_of_reference_uid)
+        )
+    )
+    ssroi = ds.StructureSetROISequence[0]
+    ssroi.ROIGenerationDescription = _fit(roi.generation_description, 64)
+    del ssroi.ROIDescription  # rt-utils' empty Type 3 value
+
+    roi_contour = Dataset()
+    roi_contour.ROIDisplayColor = list(roi.color)
+    roi_contour.ContourSequence = _contour_sequence(mask, volume, by_uid)
+    roi_contour.ReferencedROINumber = 1
+    ds.ROIContourSequence.append(roi_contour)
+
+    observation = Dataset()
+    observation.ObservationNumber = 1
+    observation.ReferencedROINumber = 1
+    observation.RTROIInterpretedType = roi.interpreted_type
+    observation.ROIInterpreter = ""
+    ds.RTROIObservationsSequence.append(observation)
+
+    charset = _character_set(ds, by_uid[volume.sop_instance_uids[0]])
+    if charset is not None:
+        ds.SpecificCharacterSet = charset
+    log.info("rtstruct_built", sop_uid=meta.sop_instance_uid, contours=len(roi_contour.ContourSequence),
+             voxels=int(np.count_nonzero(mask)))
+    return ds
+
+
+def save_rtstruct(ds: Dataset, path: Path) -> None:
+    """Write *ds* as a DICOM Part 10 file (PS3.10 7.1) atomically, in its file meta's transfer syntax.
+
+    Raises
+    ------
+    OSError
+        If the file cannot be written; *path* is then untouched.
+    """
+    buffer = io.BytesIO()
+    dcmwrite(buffer, ds, enforce_file_format=True)
+    atomic_write(path, buffer.getvalue())
+
+
+def read_roi_mask(rtstruct: Dataset, volume: Volume, roi_name: str) -> npt.NDArray[np.bool_]:
+    """Rasterise the closed-planar contours of one ROI onto *volume*'s grid.
+
+    A voxel is inside when its centre is inside an odd number of the contours of its slice
+    (even-odd rule per contour, contours XORed: nested contours are holes, as most TPSs read
+    them; for contours written by :func:`build_rtstruct` this equals OR). Each contour is put
+    on the nearest slice; contours outside the volume's slices are skipped and logged.
+
+    Raises
+    ------
+    RtStructError
+        If the ROI is missing or ambiguous, or a contour does not lie in one slice plane.
+    """
+    numbers = [int(item.ROINumber) for item in rtstruct.get("StructureSetROISequence", [])
+               if str(item.get("ROIName", "")) == roi_name]
+    if len(numbers) != 1:
+        raise RtStructError(f"RTSTRUCT must have exactly one ROI named {roi_name!r}; found {len(numbers)}")
+    contours = [c for item in rtstruct.get("ROIContourSequence", [])
+                if int(item.ReferencedROINumber) == numbers[0] for c in item.get("ContourSequence", [])]
+    n_slices, rows, cols = volume.array.shape
+    crossings = np.zeros((n_slices, rows, cols + 1), dtype=np.int32)
+    for number, contour in enumerate(contours, start=1):
+        if contour.get("ContourGeometricType") not in ("CLOSED_PLANAR", "CLOSED_PLANAR_XOR"):
+            continue
+        points = np.asarray([float(v) for v in contour.ContourData], dtype=np.float64).reshape(-1, 3)
+        ijk = volume.patient_to_index(points)
+        k = int(np.rint(ijk[:, 2].mean()))
+        if np.max(np.abs(ijk[:, 2] - k)) >= 0.5:
+            raise RtStructError(
+                f"contour {number} of {roi_name!r} spans {np.ptp(ijk[:, 2]):.2f} slices; it must lie in one slice plane"
+            )
+        if not 0 <= k < n_slices:
+            log.warning("contour_outside_volume", roi=roi_name, contour=number, slice=k)
+            continue
+        _add_crossings(crossings[k], ijk[:, :2])
+    inside: npt.NDArray[np.bool_] = (np.cumsum(crossings, axis=2)[:, :, :cols] % 2) == 1
+    return inside
+
+
+def _add_crossings(counts: npt.NDArray[np.int32], poly: npt.NDArray[np.float64]) -> None:
+    """Count, per row of voxel centres, the polygon edges crossed left of each voxel (scanline fill)."""
+    x0, y0 = poly[:, 0], poly[:, 1]
+    x1, y1 = np.roll(x0, -1), np.roll(y0, -1)
+    lo, hi = np.minimum(y0, y1), np.maximum(y0, y1)
+    first, stop = np.ceil(lo).astype(np.int64), np.ceil(hi).astype(np.int64)  # rows j with lo <= j < hi
+    n_rows = np.maximum(stop - first, 0)
+    edge = np.repeat(np.arange(len(poly)), n_rows)
+    j = np.repeat(first, n_rows) + (np.arange(edge.size) - np.repeat(np.cumsum(n_rows) - n_rows, n_rows))
+    x = x0[edge] + (j - y0[edge]) * (x1[edge] - x0[edge]) / (y1[edge] - y0[edge])
+    keep = (j >= 0) & (j < counts.shape[0])
+    column = np.clip(np.floor(x[keep]).astype(np.int64) + 1, 0, counts.shape[1] - 1)
+    np.add.at(counts, (j[keep], column), 1)
+
+
+def _check_source(source: Sequence[Dataset], volume: Volume) -> dict[str, Dataset]:
+    """Index *source* by SOP Instance UID after checking it is exactly the volume's series."""
+    by_uid = {str(ds.get("SOPInstanceUID", "")): ds for ds in source}
+    if len(by_uid) != len(source) or set(by_uid) != set(volume.sop_instance_uids):
+        raise RtStructError(
+            f"source must be the {len(set(volume.sop_instance_uids))} instance(s) of the volume; "
+            f"found {len(source)} dataset(s) with {len(set(by_uid) & set(volume.sop_instance_uids))} matching"
+        )
+    for keyword, expected in (("SeriesInstanceUID", volume.series_instance_uid),
+                              ("FrameOfReferenceUID", volume.frame_of_reference_uid)):
+        found = {str(ds.get(keyword, "")) for ds in source}
+        if found != {expected}:
+            raise RtStructError(f"source {keyword} must all be the volume's; found {len(found)} different value(s)")
+    studies = {str(ds.get("StudyInstanceUID", "")) for ds in source}
+    if len(studies) != 1 or "" in studies:
+        raise RtStructError(f"source needs one StudyInstanceUID (0020,000D); found {sorted(studies)}")
+    return by_uid
+
+
+def _stand_ins(source: Sequence[Dataset], volume: Volume, by_uid: dict[str, Dataset]) -> list[Dataset]:
+    """Header-only copies for rt-utils in slice order; the first carries what it insists on reading.
+
+    rt-utils fails on a source without StudyDate, StudyTime or StudyID (Type 2, may be absent
+    in practice): placeholders go in here and :func:`_skeleton` copies the real values.
+    """
+    stand_ins = []
+    for uid in dict.fromkeys(volume.sop_instance_uids):
+        item = Dataset()
+        item.SOPClassUID = by_uid[uid].SOPClassUID
+        item.SOPInstanceUID = uid
+        stand_ins.append(item)
+    first = stand_ins[0]
+    first.SeriesInstanceUID = volume.series_instance_uid
+    first.FrameOfReferenceUID = volume.frame_of_reference_uid
+    first.StudyInstanceUID = by_uid[volume.sop_instance_uids[0]].StudyInstanceUID
+    first.StudyDate = first.StudyTime = first.StudyID = ""
+    return stand_ins
+
+
+def _skeleton(stand_ins: list[Dataset], reference: Dataset, meta: RtStructMeta) -> Dataset:
+    """rt-utils' study, patient and referenced-frame-of-reference parts, then ours on top.
+
+    rt-utils' ``create_rtstruct_dataset`` is not used: its base dataset reads the clock, uses
+    deprecated pydicom attributes and names "Qurit" as institution. What its helpers set from
+    random UIDs or copy wrongly (the source's series date as ours) is overwritten here, and the
+    source's patient and study attributes are copied (str() decodes them with the source's
+    character set).
+    """
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds_helper.add_sequence_lists_to_ds(ds)
+    ds_helper.add_study_and_series_information(ds, stand_ins)
+    ds_helper.add_patient_information(ds, stand_ins)
+    ds_helper.add_refd_frame_of_ref_sequence(ds, stand_ins)
+    date, time = meta.created.strftime("%Y%m%d"), meta.created.strftime("%H%M%S")
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = RTStructureSetStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(meta.sop_instance_uid)
+    ds.SOPClassUID = RTStructureSetStorage
+    ds.SOPInstanceUID = meta.sop_instance_uid
+    ds.Modality = "RTSTRUCT"
+    ds.SeriesNumber = 1
+    ds.SeriesInstanceUID = meta.series_instance_uid
+    ds.InstanceCreationDate = ds.StructureSetDate = ds.SeriesDate = date
+    ds.InstanceCreationTime = ds.StructureSetTime = ds.SeriesTime = time
+    if meta.created.utcoffset() is not None:
+        ds.TimezoneOffsetFromUTC = meta.created.strftime("%z")
+    ds.Manufacturer = _fit(meta.manufacturer, 64)
+    ds.SoftwareVersions = _fit(meta.software_version, 64)
+    ds.SeriesDescription = _fit(meta.series_description, 64)
+    ds.StructureSetLabel = _fit(meta.structure_set_label, 16)
+    ds.StructureSetName = _fit(meta.structure_set_label, 64)
+    ds.StructureSetDescription = _fit(meta.series_description, 1024)
+    ds.ApprovalStatus = "UNAPPROVED"
+    ds.InstanceNumber = 1
+    ds.OperatorsName = ""
+    ds.FrameOfReferenceUID = reference.FrameOfReferenceUID
+    ds.PositionReferenceIndicator = str(reference.get("PositionReferenceIndicator") or "")
+    for keyword in _COPIED_TYPE2:
+        setattr(ds, keyword, str(reference.get(keyword) or ""))
+    for keyword in _COPIED_TYPE3:
+        value = str(reference.get(keyword) or "")
+        if value:
+            setattr(ds, keyword, value)
+        elif keyword in ds:
+            del ds[keyword]
+    for keyword in _RT_UTILS_EXTRAS:
+        if keyword in ds:
+            del ds[keyword]
+    return ds
+
+
+def _contour_sequence(mask: npt.NDArray[np.bool_], volume: Volume, by_uid: dict[str, Dataset]) -> DicomSequence:
+    """One CLOSED_PLANAR contour per connected region of each slice (PS3.3 C.8.8.6)."""
+    axis_i, axis_j = volume.affine[:3, 0], volume.affine[:3, 1]
+    closing_axis = 0 if np.linalg.norm(axis_i[:2]) >= np.linalg.norm(axis_j[:2]) else 1
+    contours = DicomSequence()
+    for k in np.flatnonzero(mask.any(axis=(1, 2))):
+        uid = volume.sop_instance_uids[k]
+        image = Dataset()
+        image.ReferencedSOPClassUID = by_uid[uid].SOPClassUID
+        image.ReferencedSOPInstanceUID = uid
+        if volume.frame_numbers is not None:
+            image.ReferencedFrameNumber = volume.frame_numbers[k]
+        origin = _slice_origin(by_uid[uid], volume, int(k))
+        for polygon in _slice_polygons(mask[k]):
+            polygon = _closing_edge_along(polygon, closing_axis)
+            points = origin + polygon[:, :1] * axis_i + polygon[:, 1:] * axis_j
+            contour = Dataset()
+            contour.ContourNumber = len(contours) + 1
+            contour.ContourImageSequence = DicomSequence([image])
+            contour.ContourGeometricType = "CLOSED_PLANAR"
+            contour.NumberOfContourPoints = len(points)
+            values = [format_number_as_ds(round(float(v), DECIMALS_MM) + 0.0) for v in points.ravel()]
+            contour.ContourData = values
+            size = sum(map(len, values)) + len(values) - 1
+            if size > EXPLICIT_VR_MAX_VALUE_BYTES:
+                log.warning("contour_too_long_for_explicit_vr", contour=contour.ContourNumber, value_bytes=size)
+            contours.append(contour)
+    return contours
+
+
+def _closing_edge_along(polygon: npt.NDArray[np.float64], axis: int) -> npt.NDArray[np.float64]:
+    """Rotate *polygon*'s start so that its closing edge (last -> first point) runs along index *axis*.
+
+    The caller picks the in-plane axis least parallel to patient z. plastimatch 1.9.4 drops
+    the last point of a contour when it has the first point's x and y (its test for an explicitly
+    closed contour ignores z), which on a sagittal or coronal slice cuts a corner off any
+    contour whose closing edge runs along z: up to half of a square lost, keyholes broken.
+    """
+    step = polygon - np.roll(polygon, 1, axis=0)
+    start = int(np.flatnonzero(step[:, axis] != 0)[0])
+    return np.roll(polygon, -start, axis=0)
+
+
+def _slice_origin(ds: Dataset, volume: Volume, k: int) -> npt.NDArray[np.float64]:
+    """Patient position of voxel (0, 0) of slice *k*: the image's own Image Position (Patient).
+
+    The volume's affine uses the mean slice step; the image says where the slice really is
+    (PS3.3 C.7.6.2.1.1; per frame in the Plane Position functional group, C.7.6.16.2.3).
+    """
+    grid = volume.index_to_patient([0.0, 0.0, float(k)])
+    if volume.frame_numbers is not None:
+        frames = ds.get("PerFrameFunctionalGroupsSequence") or []
+        group = frames[volume.frame_numbers[k] - 1] if len(frames) >= volume.frame_numbers[k] else Dataset()
+        position = (group.get("PlanePositionSequence") or [Dataset()])[0].get("ImagePositionPatient")
+    else:
+        position = ds.get("ImagePositionPatient")
+    if position is None:
+        return grid
+    origin = np.asarray([float(v) for v in position], dtype=np.float64)
+    offset = float(np.linalg.norm(origin - grid))
+    if offset > MAX_SLICE_OFFSET_FRACTION * volume.spacing[2]:
+        raise RtStructError(f"slice {k} of the source lies {offset:.2f} mm from the volume's grid; they disagree")
+    return origin
+
+
+def _slice_polygons(mask2d: npt.NDArray[np.bool_]) -> list[npt.NDArray[np.float64]]:
+    """Boundary polygons of one slice along voxel edges, in (column, row) index coordinates.
+
+    Returns one polygon per 8-connected region, its holes (4-connected background enclosed by
+    it) joined in by zero-width cuts; vertices are voxel corners (half-integer indices) with
+    collinear points dropped, so a single voxel gives a 4-point square.
+    """
+    loops = _trace_loops(mask2d)
+    # Every loop becomes a ring of nodes (a point and the index of the next node), so that a
+    # hole is spliced in with a few pointer changes: slices with thousands of holes stay linear.
+    points: list[tuple[int, int]] = []
+    nxt: list[int] = []
+    nodes_at: dict[tuple[int, int], list[int]] = {}
+    outer_starts, holes = [], []
+    for loop in loops:
+        first = len(points)
+        for n, point in enumerate(loop):
+            nodes_at.setdefault(point, []).append(first + n)
+        points += loop
+        nxt += [*range(first + 1, first + len(loop)), first]
+        if _area2(loop) > 0:
+            outer_starts.append(first)
+        else:
+            top = min(range(len(loop)), key=lambda n: (loop[n][1], loop[n][0]))
+            holes.append((loop[top][::-1], first, len(loop), top))
+    # Topmost hole first: the cut from a hole's top-left corner ends on a loop above it.
+    for (top_y, top_x), first, size, top in sorted(holes):
+        # Walk up the pixel edge x = top_x (between columns top_x - 1 and top_x) through the
+        # region to the first boundary above the hole; that point lies on exactly one other
+        # loop (y == top_y: the hole touches it at this corner and the cut has no length).
+        y = top_y
+        while y > 0 and mask2d[y - 1, top_x - 1] and mask2d[y - 1, top_x]:
+            y -= 1
+        at = next(n for n in nodes_at[(top_x, y)] if not first <= n < first + size)
+        corner, before_corner = first + top, first + (top - 1) % size
+        down = [(top_x, yy) for yy in range(y + 1, top_y)]
+        up = [(top_x, yy) for yy in range(top_y, y - 1, -1)]
+        after = nxt[at]
+        nxt[at] = _append_chain(points, nxt, down, corner)
+        nxt[before_corner] = _append_chain(points, nxt, up, after)
+    polygons = []
+    for start in outer_starts:
+        ring, node = [points[start]], nxt[start]
+        while node != start:
+            ring.append(points[node])
+            node = nxt[node]
+        polygons.append(np.asarray(_corners(ring), dtype=np.float64) - 0.5)
+    return polygons
+
+
+def _append_chain(points: list[tuple[int, int]], nxt: list[int], chain: list[tuple[int, int]], then: int) -> int:
+    """Add nodes for *chain* linked in order and on to node *then*; return the first (or *then*)."""
+    if not chain:
+        return then
+    first = len(points)
+    points += chain
+    nxt += [*range(first + 1, first + len(chain)), then]
+    return first
+
+
+# Unit steps on the pixel-corner lattice (x right, y down) and the left turn of each.
+_STEPS = ((1, 0), (0, 1), (-1, 0), (0, -1))
+_LEFT = {0: 3, 1: 0, 2: 1, 3: 2}
+
+
+def _trace_loops(mask2d: npt.NDArray[np.bool_]) -> list[list[tuple[int, int]]]:
+    """Closed loops of voxel edges between mask and background, as lists of pixel corners.
+
+    Corner (x, y) is the top-left corner of pixel (column x, row y). Each edge keeps the mask on
+    its right, so outer boundaries run clockwise on screen (positive :func:`_area2`) and holes
+    anticlockwise. Where two mask pixels touch only at a corner the loop turns left, which keeps
+    them in one loop (8-connected regions, 4-connected holes, as OpenCV's findContours).
+    """
+    m = np.pad(mask2d, 1)
+    fg = m[1:-1, 1:-1]
+    out: dict[tuple[int, int], list[int]] = {}
+    # (neighbour that must be background, start corner offset, step index) for each side.
+    for bg, (dx, dy), step in ((m[:-2, 1:-1], (0, 0), 0), (m[1:-1, 2:], (1, 0), 1),
+                               (m[2:, 1:-1], (1, 1), 2), (m[1:-1, :-2], (0, 1), 3)):
+        for r, c in zip(*np.nonzero(fg & ~bg), strict=True):
+            out.setdefault((int(c) + dx, int(r) + dy), []).append(step)
+    seen: set[tuple[tuple[int, int], int]] = set()
+    loops = []
+    for start, steps in out.items():
+        for step in steps:
+            edge = (start, step)
+            loop = []
+            while edge not in seen:
+                seen.add(edge)
+                (x, y), s = edge
+                loop.append((x, y))
+                nxt = (x + _STEPS[s][0], y + _STEPS[s][1])
+                choices = out[nxt]
+                edge = (nxt, choices[0] if len(choices) == 1 else _LEFT[s])
+            if loop:
+                loops.append(loop)
+    return loops
+
+
+def _area2(loop: Sequence[tuple[int, int]]) -> int:
+    """Twice the signed area of a closed loop (shoelace); positive for outer boundaries."""
+    x = np.asarray([p[0] for p in loop])
+    y = np.asarray([p[1] for p in loop])
+    return int(np.sum(x * np.roll(y, -1) - np.roll(x, -1) * y))
+
+
+def _corners(ring: Sequence[tuple[int, int]]) -> npt.NDArray[np.int64]:
+    """The points of a closed lattice path where its direction changes (repeats and straight runs dropped)."""
+    pts = np.asarray(ring, dtype=np.int64)
+    pts = pts[np.any(pts != np.roll(pts, 1, axis=0), axis=1)]
+    before = np.sign(pts - np.roll(pts, 1, axis=0))
+    after = np.sign(np.roll(pts, -1, axis=0) - pts)
+    corners: npt.NDArray[np.int64] = pts[np.any(before != after, axis=1)]
+    return corners
+
+
+def _character_set(ds: Dataset, reference: Dataset) -> str | list[str] | None:
+    """Specific Character Set for *ds* (PS3.3 C.12.1.1.2): the source's if it encodes all our text.
+
+    Falls back to UTF-8 (``ISO_IR 192``) so that names such as 张三 survive (rt-utils writes
+    ``ISO_IR 100`` and they become ``??``); ``None`` (attribute absent: the default repertoire)
+    when the source has none and all text is ASCII.
+    """
+    source = reference.get("SpecificCharacterSet")
+    terms = [] if not source else [str(source)] if isinstance(source, str) else [str(t) for t in source]
+    if any(term not in python_encoding for term in terms):
+        return UTF8_CHARSET
+    encodings = [python_encoding[term] for term in terms if term] or ["ascii"]
+    texts = [str(v) for elem in ds.iterall() if elem.VR in _TEXT_VRS and elem.value
+             for v in (elem.value if elem.VM > 1 else [elem.value])]
+    if not all(any(_encodes(text, encoding) for encoding in encodings) for text in texts):
+        return UTF8_CHARSET
+    if not terms:
+        return None
+    return terms if len(terms) > 1 else terms[0]
+
+
+def _encodes(text: str, encoding: str) -> bool:
+    try:
+        text.encode(encoding)
+    except UnicodeError:
+        return False
+    return True
+
+
+def _fit(text: str, max_chars: int) -> str:
+    """*text* cut to the maximum length of its value representation (PS3.5 6.2)."""
+    return text[:max_chars]

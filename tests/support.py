@@ -201,3 +201,80 @@ def require_tool(path: str) -> str:
     if shutil.which(path) is None:
         raise RuntimeError(f"{path} is not installed: apt-get install -y dcmtk orthanc dicom3tools plastimatch")
     return path
+
+
+def orthanc_binary() -> str:
+    """Path of Debian's Orthanc server binary (not always on PATH)."""
+    out = subprocess.run(["dpkg", "-L", "orthanc"], capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        if line.endswith("bin/Orthanc"):
+            return line
+    raise RuntimeError("Orthanc is not installed: apt-get install -y orthanc")
+
+
+@dataclass
+class Orthanc:
+    """A private Orthanc instance on loopback (its own storage, no plugins, no remote access)."""
+
+    proc: subprocess.Popen[bytes]
+    http_port: int
+    dicom_port: int
+    aet: str
+
+    def rest(self, method: str, path: str, body: bytes | None = None, timeout: float = 120) -> Any:
+        import urllib.request
+
+        req = urllib.request.Request(f"http://{LOCALHOST}:{self.http_port}{path}", data=body, method=method)
+        with urllib.request.urlopen(req, timeout=timeout) as rsp:  # noqa: S310 - loopback only
+            data = rsp.read()
+        return json.loads(data) if data else None
+
+
+@contextlib.contextmanager
+def running_orthanc(workdir: Path, aet: str = "ORTHANC", modalities: dict[str, list[Any]] | None = None,
+                    sync: bool = True) -> Iterator[Orthanc]:
+    """Start Orthanc in the foreground with a generated config; always stopped on exit."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    http_port, dicom_port = free_port(), free_port()
+    cfg = {
+        "Name": "dmg-test", "StorageDirectory": str(workdir / "storage"), "IndexDirectory": str(workdir / "index"),
+        "HttpPort": http_port, "DicomPort": dicom_port, "DicomAet": aet, "Plugins": [],
+        "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "HttpServerEnabled": True,
+        "DicomModalities": modalities or {}, "DicomCheckCalledAet": False, "StorageCompression": False,
+        "SyncStorageArea": sync, "DicomAlwaysAllowStore": True, "DicomAlwaysAllowEcho": True,
+    }
+    (workdir / "orthanc.json").write_text(json.dumps(cfg))
+    log = open(workdir / "orthanc.log", "wb")
+    proc = subprocess.Popen([orthanc_binary(), str(workdir / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT,
+                            env=dcmtk_env())
+    try:
+        wait_port(http_port, 60, proc)
+        wait_port(dicom_port, 60, proc)
+        yield Orthanc(proc, http_port, dicom_port, aet)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        log.close()
+
+
+@contextlib.contextmanager
+def running_storescp(outdir: Path, aet: str = "STORESCP", *extra: str) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """Start DCMTK storescp writing into *outdir*; always stopped on exit."""
+    outdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    proc = subprocess.Popen([DCMTK["storescp"], "-aet", aet, "-od", str(outdir), *extra, str(port)],
+                            env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port, 30, proc)
+        yield proc, port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)

@@ -156,7 +156,7 @@ class Discriminator(nn.Module):
     matches expert masks for that image.
     """
 
-    def __init__(self, channels: int = 16, num_layers: int = 3) -> None:
+    def __init__(self, channels: int = 8, num_layers: int = 3) -> None:
         super().__init__()
         self.net = PatchDiscriminator(
             spatial_dims=3,

@@ -5,8 +5,10 @@ Steps (all in patient coordinates, so oblique series need no special case):
 1. Define a *canonical* grid: axes along patient L, P, S (DICOM LPS, PS3.3 C.7.6.2.1.1) at the
    model's isotropic spacing, covering the source field of view. In the Volume convention its
    array is (S, P, L) and its affine is diagonal.
-2. Resample the source onto it with trilinear interpolation (``scipy.ndimage.affine_transform``
-   composes source and target affines, so no coordinate arrays are built).
+2. Smooth the source along each axis finer than the model spacing (Gaussian anti-aliasing, so
+   a 0.5 mm and a 1 mm acquisition look alike on the model grid), then resample it with
+   trilinear interpolation (``scipy.ndimage.affine_transform`` composes source and target
+   affines, so no coordinate arrays are built).
 3. Find the head with an Otsu threshold (largest component, holes filled), crop to its bounding
    box plus a margin and pad each axis to a multiple of the network's divisor.
 4. z-score with the mean and standard deviation inside the head, then clip.
@@ -81,12 +83,15 @@ class Prepared:
     affine
         Model-grid voxel (i, j, k) -> LPS mm (Volume convention).
     label
-        The label resampled onto the same grid, when one was given.
+        The label on the same grid, when one was given, as the tumour fraction of each voxel
+        (0..1: anti-aliased and interpolated like the image, so partial volume at the border is
+        kept; a network trained on it gives probabilities that threshold back at 0.5 onto a
+        finer source grid with little loss).
     """
 
     image: FloatArray
     affine: Affine
-    label: BoolArray | None = None
+    label: FloatArray | None = None
 
 
 def resample(
@@ -127,6 +132,20 @@ def canonical_grid(volume: Volume, spacing_mm: float) -> tuple[tuple[int, int, i
     affine = np.diag([spacing_mm, spacing_mm, spacing_mm, 1.0])
     affine[:3, 3] = lo
     return (int(size[2]), int(size[1]), int(size[0])), affine
+
+
+def antialias(volume: Volume, spacing_mm: float) -> FloatArray:
+    """Gaussian-smooth ``volume`` before downsampling to ``spacing_mm``.
+
+    Per array axis, sigma = (factor - 1) / 2 voxels where factor = spacing_mm / voxel size
+    (as ``skimage.transform.resize`` does); axes already coarser than the model grid are left.
+    """
+    factors = np.array(volume.spacing[::-1]) ** -1 * spacing_mm
+    sigma = np.maximum(0.0, (factors - 1.0) / 2.0)
+    if not sigma.any():
+        return volume.array
+    out: FloatArray = ndimage.gaussian_filter(volume.array, sigma=tuple(sigma), mode="nearest", truncate=3.0)
+    return out
 
 
 def otsu_threshold(values: npt.NDArray[np.floating], bins: int = 256) -> float:
@@ -214,7 +233,7 @@ def prepare(
     Returns
     -------
     Prepared
-        The normalised image, its affine and the resampled label (trilinear, then > 0.5).
+        The normalised image, its affine and the resampled label (tumour fraction).
 
     Raises
     ------
@@ -224,7 +243,7 @@ def prepare(
     if label is not None and label.shape != volume.array.shape:
         raise SeriesError(f"label shape must equal the image shape {volume.array.shape}; found {label.shape}")
     shape, affine = canonical_grid(volume, config.spacing_mm)
-    image = resample(volume.array, volume.affine, shape, affine)
+    image = resample(antialias(volume, config.spacing_mm), volume.affine, shape, affine)
     head = head_mask(image)
     margin = int(round(config.margin_mm / config.spacing_mm))
     bounds = _crop_bounds(head, margin, config.divisor)
@@ -237,7 +256,8 @@ def prepare(
     normed = np.clip((cropped - mean) / max(std, 1e-6), -config.clip, config.clip).astype(np.float32)
     resampled_label = None
     if label is not None:
-        resampled_label = resample(label > 0, volume.affine, normed.shape, affine) > 0.5
+        fraction = antialias(volume.with_array(label > 0), config.spacing_mm)
+        resampled_label = np.clip(resample(fraction, volume.affine, normed.shape, affine), 0.0, 1.0)
     return Prepared(image=normed, affine=affine, label=resampled_label)
 
 

@@ -1,0 +1,209 @@
+"""Training and evaluation data readers: labelled cases as (Volume, mask) pairs.
+
+Two layouts are read:
+
+* **NIfTI, challenge layout** (BraTS-style, also what :mod:`dmg_node.segment.phantom` writes)::
+
+      DATA/<CASE>/<CASE>-t1c.nii.gz   T1 post-contrast
+      DATA/<CASE>/<CASE>-t2w.nii.gz   T2
+      DATA/<CASE>/<CASE>-t2f.nii.gz   T2-FLAIR
+      DATA/<CASE>/<CASE>-seg.nii.gz   label, > 0 = tumour
+
+  NIfTI affines map (i, j, k) to RAS; the Volume convention is LPS with the array in
+  (k, j, i) order, so the array is transposed and the first two affine rows negated.
+* **DICOM with a reference RTSTRUCT**: any folder tree holding image series of *one* sequence
+  and RTSTRUCTs (PS3.3 A.19) that reference them; each RTSTRUCT makes one case from the series
+  it references, and the ROIs whose name matches a pattern (``re.search``) are unioned.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, cast
+
+import nibabel as nib
+import numpy as np
+import numpy.typing as npt
+import structlog
+from pydicom.dataset import Dataset
+
+from dmg_node.dicomfiles import find_series, read_datasets
+from dmg_node.errors import SeriesError
+from dmg_node.rtstruct import read_roi_mask
+from dmg_node.volume import Volume, build_volume
+
+log = structlog.get_logger(__name__)
+
+NIFTI_SUFFIX = {"t1c": "t1c", "t2": "t2w", "flair": "t2f"}
+LABEL_SUFFIX = "seg"
+DEFAULT_ROI_PATTERN = r"(?i)gtv|tumou?r|dmg"
+_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+@dataclass(frozen=True)
+class Case:
+    """One labelled image: the source volume and its tumour mask on the same grid."""
+
+    case_id: str
+    image: Volume
+    label: npt.NDArray[np.bool_]
+
+
+class CaseSource(Protocol):
+    """Something that can load one :class:`Case` (lazily, so lists of cases stay cheap)."""
+
+    @property
+    def case_id(self) -> str:
+        """Case identifier (folder name or RTSTRUCT file stem)."""
+
+    def load(self) -> Case:
+        """Read the image and its label from disk."""
+
+
+def array_volume(array: npt.ArrayLike, affine: npt.ArrayLike, name: str = "") -> Volume:
+    """A :class:`Volume` for an array that did not come from DICOM (UIDs are placeholders)."""
+    arr = np.asarray(array, dtype=np.float32)
+    return Volume(
+        array=arr,
+        affine=np.asarray(affine, dtype=np.float64),
+        series_instance_uid=name,
+        frame_of_reference_uid="",
+        sop_instance_uids=("",) * arr.shape[0],
+        sop_class_uid="",
+    )
+
+
+def read_nifti(path: Path) -> Volume:
+    """Read a NIfTI image into the Volume convention (array (k, j, i), affine to LPS).
+
+    Raises
+    ------
+    SeriesError
+        If the file cannot be read or is not 3D.
+    """
+    try:
+        img = cast(nib.spatialimages.SpatialImage, nib.load(path))
+        data = np.asarray(img.dataobj, dtype=np.float32)
+        affine = np.asarray(img.affine, dtype=np.float64)
+    except (OSError, ValueError, nib.filebasedimages.ImageFileError) as exc:
+        raise SeriesError(f"NIfTI file {path} cannot be read: {exc}") from exc
+    if data.ndim != 3:
+        raise SeriesError(f"NIfTI image {path} must be 3D; found shape {data.shape}")
+    return array_volume(np.ascontiguousarray(data.transpose(2, 1, 0)), _RAS_TO_LPS @ affine, path.name)
+
+
+@dataclass(frozen=True)
+class NiftiCase:
+    """A case in the NIfTI challenge layout."""
+
+    case_id: str
+    image_path: Path
+    label_path: Path
+
+    def load(self) -> Case:
+        """Read image and label; the label must be on the image's grid.
+
+        Raises
+        ------
+        SeriesError
+            If either file is unreadable or the grids differ.
+        """
+        image = read_nifti(self.image_path)
+        label = read_nifti(self.label_path)
+        if label.array.shape != image.array.shape or not np.allclose(label.affine, image.affine, atol=1e-3):
+            raise SeriesError(f"label {self.label_path} must share the image grid of {self.image_path}")
+        return Case(self.case_id, image, label.array > 0)
+
+
+def nifti_cases(data_dir: Path, sequence: str) -> list[NiftiCase]:
+    """Cases under ``data_dir`` that have both the ``sequence`` image and a label, sorted by name."""
+    suffix = NIFTI_SUFFIX[sequence]
+    cases = []
+    for folder in sorted(p for p in data_dir.iterdir() if p.is_dir()):
+        image = folder / f"{folder.name}-{suffix}.nii.gz"
+        label = folder / f"{folder.name}-{LABEL_SUFFIX}.nii.gz"
+        if image.is_file() and label.is_file():
+            cases.append(NiftiCase(folder.name, image, label))
+    return cases
+
+
+def _referenced_series_uid(rtstruct: Dataset) -> str:
+    """Series Instance UID of the image series an RTSTRUCT's contours lie on (PS3.3 C.8.8.5)."""
+    try:
+        frame = rtstruct.ReferencedFrameOfReferenceSequence[0]
+        series = frame.RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]
+        return str(series.SeriesInstanceUID)
+    except (AttributeError, IndexError) as exc:
+        raise SeriesError("RTSTRUCT must reference an image series (C.8.8.5); found none") from exc
+
+
+@dataclass(frozen=True)
+class DicomCase:
+    """An image series plus the RTSTRUCT that contours it."""
+
+    case_id: str
+    image_paths: tuple[Path, ...]
+    rtstruct_path: Path
+    roi_pattern: str
+
+    def load(self) -> Case:
+        """Build the volume and union the matching ROIs into one mask.
+
+        Raises
+        ------
+        SeriesError
+            If the series is not a volume, or no ROI name matches ``roi_pattern``.
+        """
+        volume = build_volume(read_datasets(self.image_paths))
+        (rtstruct,) = read_datasets([self.rtstruct_path])
+        names = [str(roi.ROIName) for roi in getattr(rtstruct, "StructureSetROISequence", [])]
+        chosen = [n for n in names if re.search(self.roi_pattern, n)]
+        if not chosen:
+            raise SeriesError(f"RTSTRUCT {self.rtstruct_path} has no ROI matching {self.roi_pattern!r}; found {names}")
+        mask = np.zeros(volume.array.shape, dtype=bool)
+        for roi in chosen:
+            mask |= np.asarray(read_roi_mask(rtstruct, volume, roi), dtype=bool)
+        log.debug("rtstruct_rois_chosen", case=self.case_id, rois=chosen)
+        return Case(self.case_id, volume, mask)
+
+
+def dicom_cases(data_dir: Path, roi_pattern: str = DEFAULT_ROI_PATTERN) -> list[DicomCase]:
+    """One case per RTSTRUCT under ``data_dir`` whose referenced series is also there."""
+    series = find_series(data_dir)
+    cases = []
+    for files in series.values():
+        (first,) = read_datasets(files[:1])
+        if getattr(first, "Modality", "") != "RTSTRUCT":
+            continue
+        for path in files:
+            (rtstruct,) = read_datasets([path])
+            ref = _referenced_series_uid(rtstruct)
+            if ref not in series:
+                log.warning("rtstruct_series_missing", rtstruct=str(path), series_uid=ref)
+                continue
+            cases.append(DicomCase(path.stem, tuple(series[ref]), path, roi_pattern))
+    return sorted(cases, key=lambda c: c.case_id)
+
+
+def find_cases(data_dir: Path, sequence: str, roi_pattern: str = DEFAULT_ROI_PATTERN) -> Sequence[CaseSource]:
+    """All labelled cases under ``data_dir``: the NIfTI layout if present, DICOM otherwise.
+
+    Raises
+    ------
+    SeriesError
+        If ``data_dir`` is not a folder or holds no labelled case for ``sequence``.
+    """
+    if not data_dir.is_dir():
+        raise SeriesError(f"training data must be a folder; found {data_dir}")
+    cases: Sequence[CaseSource] = nifti_cases(data_dir, sequence)
+    if not cases:
+        cases = dicom_cases(data_dir, roi_pattern)
+    if not cases:
+        raise SeriesError(
+            f"{data_dir} must hold labelled cases for {sequence!r} (NIfTI <CASE>/<CASE>-"
+            f"{NIFTI_SUFFIX[sequence]}.nii.gz + -seg.nii.gz, or DICOM series with an RTSTRUCT); found none"
+        )
+    return cases

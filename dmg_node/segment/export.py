@@ -1,0 +1,77 @@
+"""Generator weights on disk: torch state_dict and the ONNX graph used on CPU.
+
+Both are written through :func:`dmg_node.fsutil.atomic_write`, so a model folder never holds a
+torn weights file whose hash the manifest would then refuse.
+"""
+
+from __future__ import annotations
+
+import io
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from dmg_node.errors import ModelError
+from dmg_node.fsutil import atomic_write
+from dmg_node.segment.network import Generator, GeneratorConfig
+
+ONNX_OPSET = 17
+INPUT_NAME = "image"
+OUTPUT_NAME = "logits"
+
+
+def save_generator(generator: Generator, path: Path) -> None:
+    """Write the generator's state_dict (CPU tensors) to ``path``."""
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in generator.state_dict().items()}, buffer)
+    atomic_write(path, buffer.getvalue())
+
+
+def load_generator(path: Path, config: GeneratorConfig, device: torch.device | str = "cpu") -> Generator:
+    """Build a :class:`Generator` from ``config`` and load ``path`` into it (eval mode).
+
+    Raises
+    ------
+    ModelError
+        If the file cannot be unpickled as tensors or does not fit the configuration.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        generator = Generator(config)
+        generator.load_state_dict(state)
+    except (OSError, RuntimeError, KeyError, TypeError, ValueError) as exc:
+        raise ModelError(f"generator weights {path} must match the manifest's network; loading failed: {exc}") from exc
+    return generator.to(device).eval()
+
+
+def export_onnx(generator: Generator, path: Path) -> None:
+    """Export the generator to ONNX with dynamic batch and spatial axes.
+
+    Uses the TorchScript-based exporter (``dynamo=False``), which needs no extra packages and
+    handles every layer here (instance norm, transposed convolution, global pooling).
+    """
+    was_training = generator.training
+    generator = generator.eval()
+    divisor = generator.config.divisor
+    example = torch.zeros(1, 1, divisor * 2, divisor * 2, divisor * 2, device=next(generator.parameters()).device)
+    axes = {0: "batch", 2: "slices", 3: "rows", 4: "columns"}
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        # The exporter warns that it is the legacy path and that instance norm is exported in
+        # inference mode; both are what we want.
+        warnings.simplefilter("ignore")
+        scratch = Path(tmp) / path.name
+        torch.onnx.export(
+            generator,
+            (example,),
+            scratch,
+            dynamo=False,
+            opset_version=ONNX_OPSET,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: axes},
+        )
+        data = scratch.read_bytes()
+    generator.train(was_training)
+    atomic_write(path, data)

@@ -1,0 +1,1052 @@
+"""Synthetic MR studies of a diffuse midline glioma (DMG) on real brain anatomy (phantoms).
+
+The anatomy is the ICBM152 2009a 1 mm T1 template with its grey/white-matter probability maps,
+shipped in nilearn's wheel (read offline). CSF is brain minus GM minus WM; the template is
+skull-stripped, so skull, scalp, face, orbits, sinuses and neck are added as simple shapes so
+that a model has to find the tumour, not the brain. Each case (one integer seed) deforms the
+anatomy (pose, scale, smooth elastic field), grows an irregular tumour in the pons, medulla or
+a thalamus with mass effect, and renders T2, FLAIR and post-contrast T1 from tissue fractions
+with a bias field, Rician noise and 12-bit values.
+
+Writers give (1) classic MR Image Storage series (PS3.3 A.4) on varied acquisition grids
+(2D axial, possibly oblique, thick slices; 3D 1 mm sagittal), with the true mask on each grid
+and optionally a reference RTSTRUCT, and (2) NIfTI image/label pairs in the folder layout of
+public paediatric brain tumour challenge data. Seeds fully determine every output, UIDs
+included. These are test and training data only; nothing here is clinically validated.
+
+Geometry follows :mod:`dmg_node.volume`: arrays are (slices, rows, columns) and affines map
+(column i, row j, slice k) to LPS mm. NIfTI affines are RAS: x and y negated.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import json
+import math
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import nibabel as nib
+import numpy as np
+import numpy.typing as npt
+import structlog
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filewriter import dcmwrite
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
+from pydicom.valuerep import format_number_as_ds
+from scipy import ndimage
+
+import dmg_node
+
+log = structlog.get_logger(__name__)
+
+F32 = npt.NDArray[np.float32]
+F64 = npt.NDArray[np.float64]
+Geometry = Literal["clinical", "small"]
+
+SEQUENCES = ("t1c", "t2", "flair")
+NIFTI_SUFFIX = {"t1c": "t1c", "t2": "t2w", "flair": "t2f"}
+FORMATS = frozenset({"dicom", "nifti"})
+MANUFACTURER = "dmg-node phantom"
+MAX_STORED = 4095  # BitsStored 12
+# RAS (NIfTI, MNI) <-> LPS (DICOM): negate x and y.
+RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+# Name-based UUIDs under 2.25 (PS3.5 B.2): deterministic, and no organisation root is needed.
+_UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:dmg-node:phantom")
+
+
+@dataclass(frozen=True)
+class _Site:
+    centre_ras: tuple[float, float, float]  # MNI mm
+    jitter_mm: tuple[float, float, float]  # uniform +- per axis
+    volume_ml: tuple[float, float]  # log-uniform range
+    weight: float  # DMG is mostly pontine
+
+
+_SITES = {
+    "pons": _Site((0.0, -25.0, -32.0), (2.0, 3.0, 4.0), (8.0, 40.0), 0.6),
+    "medulla": _Site((0.0, -38.0, -50.0), (1.5, 2.0, 3.0), (5.0, 12.0), 0.15),
+    "thalamus": _Site((10.0, -18.0, 6.0), (2.0, 3.0, 2.0), (5.0, 30.0), 0.25),  # x sign drawn per case
+}
+
+# Relative signal of each tissue in (t1c, t2, flair); per-case jitter is applied on top.
+_SIGNAL: dict[str, tuple[float, float, float]] = {
+    "wm": (0.78, 0.30, 0.42),
+    "gm": (0.55, 0.45, 0.58),
+    "csf": (0.10, 1.00, 0.06),
+    "tumour": (0.38, 0.80, 0.85),
+    "necrosis": (0.15, 0.95, 0.45),
+    "enhancing": (0.95, 0.80, 0.85),
+    "bone": (0.03, 0.03, 0.03),
+    "marrow": (0.70, 0.45, 0.40),
+    "fat": (0.92, 0.70, 0.60),
+    "muscle": (0.42, 0.22, 0.30),
+    "fluid": (0.12, 1.00, 0.08),
+    "mucosa": (0.75, 0.85, 0.70),
+}
+
+# Non-brain shapes (MNI RAS mm): (centre, semi-axes). Crude, but they put plausible structure
+# around the posterior fossa, where axial slices through the pons also cut the orbits and sinuses.
+_Ellipsoid = tuple[tuple[float, float, float], tuple[float, float, float]]
+_FACE: tuple[_Ellipsoid, ...] = (
+    ((0.0, 30.0, -60.0), (64.0, 62.0, 50.0)),  # face and jaw
+    ((0.0, 82.0, -55.0), (12.0, 20.0, 22.0)),  # nose
+    ((0.0, -25.0, -115.0), (55.0, 65.0, 95.0)),  # neck
+)
+_GLOBES: tuple[_Ellipsoid, ...] = (((32.0, 60.0, -40.0), (12.0, 12.0, 12.0)), ((-32.0, 60.0, -40.0), (12.0, 12.0, 12.0)))
+_ORBIT_FAT: tuple[_Ellipsoid, ...] = (((28.0, 42.0, -40.0), (13.0, 20.0, 12.0)), ((-28.0, 42.0, -40.0), (13.0, 20.0, 12.0)))
+_AIR: tuple[_Ellipsoid, ...] = (
+    ((24.0, 42.0, -62.0), (12.0, 16.0, 15.0)),  # maxillary sinuses
+    ((-24.0, 42.0, -62.0), (12.0, 16.0, 15.0)),
+    ((0.0, 62.0, -60.0), (6.0, 20.0, 16.0)),  # nasal cavity
+    ((0.0, 40.0, -38.0), (7.0, 14.0, 8.0)),  # ethmoid cells
+    ((0.0, 14.0, -42.0), (10.0, 9.0, 8.0)),  # sphenoid sinus
+    ((0.0, 8.0, -95.0), (10.0, 8.0, 30.0)),  # pharynx
+)
+_PAD_BELOW_MM = 40.0  # the template stops at the medulla; the cord and neck continue below
+_PAD_FRONT_MM = 14.0  # room for the nose
+_HEAD_SHELL_MM = 14.0  # extra-axial space, skull and scalp around the intracranial volume
+_SHAPE_GRID_MM = 2.0  # smooth shape maps need no finer grid
+
+
+@dataclass(frozen=True)
+class PhantomCase:
+    """One synthetic case on its own grid (see the module docstring for conventions).
+
+    Attributes
+    ----------
+    case_id
+        ``PH-DMG-<seed>``, also the NIfTI folder name.
+    seed
+        The seed that made it.
+    images
+        ``"t1c"``, ``"t2"``, ``"flair"``: float32 (slices, rows, columns) holding 12-bit values
+        (0..4095) after bias field and Rician noise.
+    noise_free
+        The same images in relative units before bias field and noise (the DICOM writer
+        resamples these and adds its own per-series bias field and noise).
+    label
+        uint8, 1 = tumour.
+    affine
+        4x4, (i, j, k) -> LPS mm.
+    tumour_site
+        ``"pons"``, ``"medulla"``, ``"thalamus_left"`` or ``"thalamus_right"``.
+    enhancement
+        ``"none"``, ``"patchy"`` or ``"ring"``.
+    """
+
+    case_id: str
+    seed: int
+    images: dict[str, F32]
+    noise_free: dict[str, F32]
+    label: npt.NDArray[np.uint8]
+    affine: F64
+    tumour_site: str
+    enhancement: str
+
+    @property
+    def tumour_volume_ml(self) -> float:
+        """Tumour volume on the case grid in cm3."""
+        return float(self.label.sum()) * abs(float(np.linalg.det(self.affine[:3, :3]))) / 1000.0
+
+
+@dataclass(frozen=True)
+class SeriesManifest:
+    """One written series: where it is, its UID and its true tumour mask on its own grid."""
+
+    sequence: str
+    folder: str
+    series_instance_uid: str
+    series_description: str
+    n_instances: int
+    truth: str
+    tumour_volume_ml: float
+    rtstruct: str | None
+
+
+@dataclass(frozen=True)
+class StudyManifest:
+    """One written DICOM study (also saved as ``manifest.json`` in *study_dir*)."""
+
+    study_dir: Path
+    case_id: str
+    study_instance_uid: str
+    frame_of_reference_uid: str
+    series: tuple[SeriesManifest, ...]
+
+
+# ----------------------------------------------------------------------------------- anatomy
+
+
+@dataclass(frozen=True)
+class _Anatomy:
+    """Template-space maps on axis-aligned LPS grids in array order (z, y, x), like a Volume.
+
+    ``tissue`` (GM, WM probabilities) is on the requested grid; ``shapes`` (signed depths in mm,
+    > 0 inside: intracranial volume, head, globes, orbital fat, air spaces) are smooth, so they
+    live on a grid of ``shape_spacing`` mm that shares voxel (0, 0, 0) with it.
+    """
+
+    tissue: dict[str, F32]
+    shapes: dict[str, F32]
+    origin: F64  # LPS of voxel (0, 0, 0)
+    spacing: float
+    shape_spacing: float
+    brain_centre: F64  # LPS
+    head_box: tuple[F64, F64]  # LPS corners
+    face_box: tuple[F64, F64]  # LPS corners of the globes, orbits and air spaces
+
+
+@functools.lru_cache(maxsize=1)
+def _templates() -> tuple[F32, F32, F32, F64]:
+    """ICBM152 T1, GM and WM as (z, y, x) arrays on an LPS grid, plus that grid's LPS origin."""
+    from nilearn import datasets  # slow import (~1.5 s), only when a phantom is made
+
+    arrays = []
+    origin = np.zeros(3)
+    for load in (datasets.load_mni152_template, datasets.load_mni152_gm_template, datasets.load_mni152_wm_template):
+        img = nib.as_closest_canonical(load(resolution=1))  # RAS+, diagonal 1 mm
+        data = np.asarray(img.get_fdata(dtype=np.float32))
+        # (x, y, z) RAS -> (z, y, x) with x and y reversed: index order of an axial LPS volume.
+        arrays.append(np.ascontiguousarray(data.transpose(2, 1, 0)[:, ::-1, ::-1]))
+        far = img.affine @ np.array([data.shape[0] - 1, data.shape[1] - 1, 0, 1.0])
+        origin = np.array([-far[0], -far[1], img.affine[2, 3]])
+    return arrays[0], arrays[1], arrays[2], origin
+
+
+@functools.lru_cache(maxsize=3)
+def _anatomy(spacing: float) -> _Anatomy:
+    """Build (once per spacing) the template-space maps every case is sampled from."""
+    t1, gm, wm, origin_1mm = _templates()
+    below, front = round(_PAD_BELOW_MM), round(_PAD_FRONT_MM)
+    gm, wm, brain = (_pad(a, below, front) for a in (gm, wm, (t1 > 0).astype(np.float32)))
+    origin = origin_1mm - np.array([0.0, front, below])
+    brain = np.maximum(brain, np.minimum(gm + wm, 1.0))
+    if spacing != 1.0:
+        gm, wm = _downsample(gm, spacing), _downsample(wm, spacing)
+    coarse = max(spacing, _SHAPE_GRID_MM)
+    inside = _downsample(brain, coarse) > 0.5
+    # Intracranial volume: the brain with its sulci and cisterns closed (smooth envelope).
+    icv = (ndimage.gaussian_filter(inside.astype(np.float32), 3.0 / coarse) > 0.3) | inside
+    shapes = {"icv": _signed_depth(icv, coarse)}
+    for name, parts in (("face", _FACE), ("globe", _GLOBES), ("orbit", _ORBIT_FAT), ("air", _AIR)):
+        shapes[name] = np.full(icv.shape, -10.0, np.float32)
+        _ellipsoid_depth(shapes[name], origin, coarse, parts)
+    head = (shapes["icv"] > -_HEAD_SHELL_MM) | (shapes.pop("face") > 0) | (shapes["globe"] > -2.0)
+    head = ndimage.binary_fill_holes(head)
+    shapes["head"] = _signed_depth(head, coarse)
+    where = np.argwhere(head)
+    zyx = origin[::-1]
+    face = np.array([_ellipsoid_box(e) for e in _GLOBES + _ORBIT_FAT + _AIR])
+    return _Anatomy(
+        tissue={"gm": gm, "wm": wm}, shapes=shapes, origin=origin, spacing=spacing, shape_spacing=coarse,
+        brain_centre=(zyx + np.argwhere(inside).mean(axis=0) * coarse)[::-1],
+        head_box=((zyx + where.min(axis=0) * coarse)[::-1], (zyx + where.max(axis=0) * coarse)[::-1]),
+        face_box=(face[:, 0].min(axis=0), face[:, 1].max(axis=0)),
+    )
+
+
+def _pad(a: F32, below: int, front: int) -> F32:
+    """Extend a template map below (edge values: the cord goes on) and in front (zeros)."""
+    a = np.pad(a, ((below, 0), (0, 0), (0, 0)), mode="edge")
+    return np.pad(a, ((0, 0), (front, 0), (0, 0)))
+
+
+def _downsample(a: F32, spacing: float) -> F32:
+    """Anti-alias and resample a 1 mm array onto a grid of *spacing* mm sharing voxel (0, 0, 0)."""
+    smooth = ndimage.gaussian_filter(a, 0.42 * spacing)
+    shape = tuple(int((n - 1) // spacing) + 1 for n in a.shape)
+    out: F32 = ndimage.affine_transform(smooth, np.full(3, spacing), output_shape=shape, order=1,
+                                        output=np.float32, prefilter=False)
+    return out
+
+
+def _signed_depth(mask: npt.NDArray[np.bool_], spacing: float) -> F32:
+    """Signed distance in mm, > 0 inside *mask*; zero half-way between voxel centres."""
+    inside = ndimage.distance_transform_edt(mask)
+    outside = ndimage.distance_transform_edt(~mask)
+    out: F32 = ((inside - outside) * spacing).astype(np.float32)
+    return out
+
+
+def _ellipsoid_box(e: _Ellipsoid) -> tuple[F64, F64]:
+    """LPS corners of an MNI ellipsoid's bounding box, plus a 3 mm margin."""
+    corners = RAS_TO_LPS[:3, :3] @ np.array([np.subtract(e[0], e[1]), np.add(e[0], e[1])]).T
+    return corners.min(axis=1) - 3.0, corners.max(axis=1) + 3.0
+
+
+def _ellipsoid_depth(out: F32, origin: F64, spacing: float, shapes: Iterable[_Ellipsoid]) -> None:
+    """Max-combine approximate signed depths (mm, > 0 inside) of MNI ellipsoids into *out*."""
+    zyx = origin[::-1]
+    for centre_ras, semi in shapes:
+        c = (RAS_TO_LPS[:3, :3] @ np.array(centre_ras))[::-1]
+        s = np.array(semi)[::-1]
+        lo = np.maximum(np.floor((c - s - 3.0 - zyx) / spacing).astype(int), 0)
+        hi = np.minimum(np.ceil((c + s + 3.0 - zyx) / spacing).astype(int) + 1, out.shape)
+        if np.any(hi <= lo):
+            continue
+        axes = [(zyx[a] + spacing * np.arange(lo[a], hi[a]) - c[a]) / s[a] for a in range(3)]
+        r = np.sqrt(axes[0][:, None, None] ** 2 + axes[1][None, :, None] ** 2 + axes[2][None, None, :] ** 2)
+        box = out[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+        np.maximum(box, ((1.0 - r) * s.min()).astype(np.float32), out=box)
+
+
+# -------------------------------------------------------------------------------------- case
+
+
+def make_case(seed: int, *, resolution_mm: float = 1.0, crop: bool = True) -> PhantomCase:
+    """Make one synthetic DMG case on an axial LPS grid of *resolution_mm*.
+
+    Parameters
+    ----------
+    seed
+        Non-negative; fully determines the case.
+    resolution_mm
+        Voxel size of the case grid (0.5 to 4 mm); the anatomy is downsampled to it.
+    crop
+        Limit the grid to the head (plus a margin) rather than the whole template box.
+
+    Returns
+    -------
+    PhantomCase
+
+    Raises
+    ------
+    ValueError
+        If *seed* is negative or *resolution_mm* is out of range.
+    """
+    if seed < 0:
+        raise ValueError(f"seed must be non-negative; found {seed}")
+    if not 0.5 <= resolution_mm <= 4.0:
+        raise ValueError(f"resolution_mm must be within 0.5..4; found {resolution_mm}")
+    started = time.perf_counter()
+    r = float(resolution_mm)
+    anat = _anatomy(r)
+    rng = np.random.default_rng([seed, 1])
+    # Case point p shows template point c0 + inv(pose) (p - c0), then elastic and mass effect.
+    scale = rng.uniform(0.84, 1.0) * rng.uniform(0.96, 1.04, 3)
+    pose = _rotation(rng.uniform(-8.0, 8.0), rng.uniform(-4.0, 4.0), rng.uniform(-4.0, 4.0)) @ np.diag(scale)
+    c0 = anat.brain_centre
+    site, site_tpl, volume_ml = _draw_site(rng)
+    tumour_centre = c0 + pose @ (site_tpl - c0)
+
+    lo, hi = _forward_box(anat.head_box if crop else _template_box(anat), pose, c0, 5.0)
+    lo, hi = np.floor(lo / r) * r, np.ceil(hi / r) * r
+    shape = tuple(int(n) for n in np.round((hi - lo)[::-1] / r) + 1)
+    affine = np.diag([r, r, r, 1.0])
+    affine[:3, 3] = lo
+
+    coords, coarse, step = _sampling_coords(rng, anat, shape, lo, r, c0, np.linalg.inv(pose))
+    centre_idx = (tumour_centre - lo)[::-1] / r
+    radius = (3.0 * volume_ml * 1000.0 / (4.0 * math.pi)) ** (1.0 / 3.0)
+    _mass_effect(coords, coarse, step, centre_idx, r, rng.uniform(0.5, 0.8) * radius)
+    face = _index_box(_forward_box(anat.face_box, pose, c0, 8.0), lo, r, shape)
+    sampled = _sample(anat, coords, face)
+    del coords
+    parts, brain = _tissues(sampled, rng, max(r, 1.0), face)
+    del sampled
+    tumour = _tumour(rng, brain["icv"], centre_idx, r, radius, volume_ml)
+    noise_free = _render(parts, brain, tumour, _signals(rng))
+    label = np.zeros(shape, np.uint8)
+    label[tumour.box] = tumour.label
+    images = {seq: _acquire(noise_free[seq], affine, np.random.default_rng([seed, 2, n]))
+              for n, seq in enumerate(SEQUENCES)}
+    case = PhantomCase(case_id=f"PH-DMG-{seed:05d}", seed=seed, images=images, noise_free=noise_free,
+                       label=label, affine=affine, tumour_site=site, enhancement=tumour.enhancement)
+    log.info("phantom_case_made", case_id=case.case_id, site=site, enhancement=tumour.enhancement,
+             volume_ml=round(case.tumour_volume_ml, 2), shape=shape, seconds=round(time.perf_counter() - started, 2))
+    return case
+
+
+def _rotation(rx: float, ry: float, rz: float) -> F64:
+    """Rotation matrix for angles in degrees about x, then y, then z."""
+    a, b, c = np.radians([rx, ry, rz])
+    mx = np.array([[1, 0, 0], [0, math.cos(a), -math.sin(a)], [0, math.sin(a), math.cos(a)]])
+    my = np.array([[math.cos(b), 0, math.sin(b)], [0, 1, 0], [-math.sin(b), 0, math.cos(b)]])
+    mz = np.array([[math.cos(c), -math.sin(c), 0], [math.sin(c), math.cos(c), 0], [0, 0, 1]])
+    out: F64 = mz @ my @ mx
+    return out
+
+
+def _draw_site(rng: np.random.Generator) -> tuple[str, F64, float]:
+    """Tumour site name, its template centre (LPS mm) and a target volume (cm3)."""
+    names = list(_SITES)
+    weights = np.array([_SITES[n].weight for n in names])
+    name = names[int(rng.choice(len(names), p=weights / weights.sum()))]
+    site = _SITES[name]
+    ras = np.array(site.centre_ras) + rng.uniform(-1.0, 1.0, 3) * np.array(site.jitter_mm)
+    if name == "thalamus":
+        side = rng.choice([-1.0, 1.0])
+        ras[0] *= side
+        name = "thalamus_right" if side > 0 else "thalamus_left"  # RAS +x is the patient's right
+    volume = float(np.exp(rng.uniform(*np.log(site.volume_ml))))
+    return name, RAS_TO_LPS[:3, :3] @ ras, volume
+
+
+def _template_box(anat: _Anatomy) -> tuple[F64, F64]:
+    """LPS corners of the whole template grid."""
+    shape = np.array(anat.tissue["gm"].shape[::-1])
+    return anat.origin, anat.origin + (shape - 1) * anat.spacing
+
+
+def _forward_box(box: tuple[F64, F64], pose: F64, c0: F64, margin: float) -> tuple[F64, F64]:
+    """LPS box of a template box after the pose (plus *margin* mm for the elastic field)."""
+    lo, hi = box
+    corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
+    mapped = (corners - c0) @ pose.T + c0
+    return mapped.min(axis=0) - margin, mapped.max(axis=0) + margin
+
+
+def _index_box(box: tuple[F64, F64], origin: F64, r: float, shape: tuple[int, ...]) -> tuple[slice, ...]:
+    """Array slices (z, y, x) of the voxels of a grid that lie in an LPS box."""
+    lo = np.clip(np.floor((box[0] - origin)[::-1] / r).astype(int), 0, shape)
+    hi = np.clip(np.ceil((box[1] - origin)[::-1] / r).astype(int) + 1, 0, shape)
+    return tuple(slice(int(a), int(max(a, b))) for a, b in zip(lo, hi))
+
+
+def _interpolator(n_out: int, n_in: int, step: float) -> F32:
+    """(n_out, n_in) matrix of linear interpolation from a grid every *step* output samples."""
+    x = np.arange(n_out) / step
+    i0 = np.minimum(np.floor(x).astype(int), n_in - 2)
+    w = (x - i0).astype(np.float32)
+    m = np.zeros((n_out, n_in), np.float32)
+    m[np.arange(n_out), i0] = 1.0 - w
+    m[np.arange(n_out), i0 + 1] = w
+    return m
+
+
+def _upsample(coarse: F32, shape: tuple[int, ...], steps: Sequence[float]) -> F32:
+    """Trilinear interpolation of a coarse (z, y, x) grid onto *shape* (separable, via matmul)."""
+    mz, my, mx = (_interpolator(shape[a], coarse.shape[a], steps[a]) for a in range(3))
+    out: F32 = np.tensordot(mz, my @ (coarse @ mx.T), axes=(1, 0))
+    return out
+
+
+def _sampling_coords(rng: np.random.Generator, anat: _Anatomy, shape: tuple[int, ...], lo: F64, r: float,
+                     c0: F64, inverse_pose: F64) -> tuple[F32, F32, float]:
+    """Template index (z, y, x) sampled by each case voxel: pose, scale and a smooth elastic field.
+
+    The map is built on a coarse grid (every ``step`` case voxels) and interpolated; the coarse
+    map is returned too, for the mass effect to re-sample it at displaced points.
+    """
+    spacing = 8.0
+    step = spacing / r
+    cshape = tuple(int(math.ceil((n - 1) / step)) + 2 for n in shape)
+    axes = [lo[::-1][a] + spacing * np.arange(cshape[a]) for a in range(3)]  # z, y, x in mm
+    zz, yy, xx = np.meshgrid(*axes, indexing="ij")
+    points = np.stack([xx, yy, zz], axis=-1)
+    q = (points - c0) @ inverse_pose.T + c0
+    amplitude = rng.uniform(1.5, 3.5)
+    for c in range(3):
+        field = ndimage.gaussian_filter(rng.standard_normal(cshape), 1.5)
+        q[..., c] += amplitude * field / max(float(field.std()), 1e-6)
+    coarse = ((q - anat.origin) / anat.spacing)[..., ::-1].transpose(3, 0, 1, 2).astype(np.float32)
+    coords = np.stack([_upsample(coarse[c], shape, (step,) * 3) for c in range(3)])
+    return coords, coarse, step
+
+
+def _mass_effect(coords: F32, coarse: F32, step: float, centre: F64, r: float, push_mm: float) -> None:
+    """Push anatomy away from *centre* as if a sphere of *push_mm* had been inserted (in place).
+
+    Incompressible radial model: a point first at radius r0 ends at (r0^3 + R^3)^(1/3); we
+    sample the inverse. Tapered to nothing at four push radii.
+    """
+    reach = 4.0 * push_mm
+    lo = np.maximum(np.floor(centre - reach / r).astype(int), 0)
+    hi = np.minimum(np.ceil(centre + reach / r).astype(int) + 1, coords.shape[1:])
+    if np.any(hi <= lo):
+        return
+    grid = np.meshgrid(*[np.arange(lo[a], hi[a], dtype=np.float64) for a in range(3)], indexing="ij")
+    offset = np.stack([g - centre[a] for a, g in enumerate(grid)])
+    radius = np.sqrt((offset**2).sum(axis=0)) * r
+    source = np.cbrt(np.maximum(radius**3 - push_mm**3, 0.0))
+    ratio = np.where(radius > 0, source / np.maximum(radius, 1e-9), 0.0)
+    taper = np.clip((reach - radius) / (reach - 3.0 * push_mm), 0.0, 1.0)
+    ratio = 1.0 - taper * (1.0 - ratio)
+    displaced = (centre[:, None, None, None] + offset * ratio) / step
+    box = tuple(slice(lo[a], hi[a]) for a in range(3))
+    for c in range(3):
+        coords[c][box] = ndimage.map_coordinates(coarse[c], displaced, order=1, mode="nearest")
+
+
+def _sample(anat: _Anatomy, coords: F32, face: tuple[slice, ...]) -> dict[str, F32]:
+    """Sample the anatomy maps at *coords* (template fine-grid indices; scaled in place).
+
+    The globe, orbit and air maps are sampled in the *face* box only (their arrays have its shape).
+    """
+    out = {name: ndimage.map_coordinates(m, coords, order=1, mode="nearest", output=np.float32)
+           for name, m in anat.tissue.items()}
+    coords *= anat.spacing / anat.shape_spacing
+    for name in ("icv", "head"):
+        out[name] = ndimage.map_coordinates(anat.shapes[name], coords, order=1, mode="nearest", output=np.float32)
+    for name in ("globe", "orbit", "air"):
+        out[name] = ndimage.map_coordinates(anat.shapes[name], coords[(slice(None), *face)], order=1,
+                                            mode="nearest", output=np.float32)
+    return out
+
+
+def _ramp(x: F32, width: float) -> F32:
+    """Soft step from 0 to 1 over *width* mm centred on x = 0."""
+    y = x * np.float32(1.0 / width)
+    y += np.float32(0.5)
+    out: F32 = np.clip(y, 0.0, 1.0, out=y)
+    return out
+
+
+_Part = tuple[tuple[slice, ...], str, F32]  # (box, tissue, fraction in that box)
+_EVERYWHERE = (slice(None), slice(None), slice(None))
+
+
+def _tissues(m: dict[str, F32], rng: np.random.Generator, w: float,
+             face: tuple[slice, ...]) -> tuple[list[_Part], dict[str, F32]]:
+    """Tissue fractions (summing to 1 inside the head) from the sampled maps.
+
+    Returns the parts to render and the intracranial fractions (``icv``, ``gm``, ``wm``, ``csf``).
+    """
+    inner, outer = rng.uniform(1.5, 2.2), rng.uniform(1.5, 2.2)
+    skull = rng.uniform(4.5, 7.5)
+    fat_mm, mucosa_mm = rng.uniform(2.0, 6.0), rng.uniform(1.0, 3.0)
+    d, e = -m["icv"], m["head"]  # distance outside the intracranial volume; depth inside the head
+    head = _ramp(e, w)
+    icv = _ramp(m["icv"], w)
+    s0 = (1.0 - icv) * head
+    s1, s2, s3 = (_ramp(d - t, w) * head for t in (inner, skull - outer, skull))
+    deep, below_fat = _ramp(e - 1.5, w), _ramp(e - 1.5 - fat_mm, w)
+    gm = np.clip(m["gm"], 0.0, 1.0) * icv
+    wm = np.clip(m["wm"], 0.0, 1.0) * icv
+    brain = {"icv": icv, "gm": gm, "wm": wm, "csf": np.clip(icv - gm - wm, 0.0, 1.0)}
+    body = {"bone": s0 - s1 + s2 - s3, "marrow": s1 - s2, "muscle": s3 * (1.0 - deep + below_fat),
+            "fat": s3 * (deep - below_fat)}
+    # Near the face, globes, orbital fat and air spaces (lined by mucosa) displace the rest.
+    globe = _ramp(m["globe"], w)
+    orbit = _ramp(m["orbit"], w) * (1.0 - globe)
+    air = _ramp(m["air"], w)
+    mucosa = _ramp(m["air"] + mucosa_mm, w) - air
+    keep = np.clip(1.0 - globe - orbit - air - mucosa, 0.0, 1.0)
+    for fraction in body.values():
+        fraction[face] *= keep
+    outside = s0[face]
+    parts: list[_Part] = [(_EVERYWHERE, name, f) for name, f in brain.items() if name != "icv"]
+    parts += [(_EVERYWHERE, name, f) for name, f in body.items()]
+    parts += [(face, "fluid", globe * outside), (face, "fat", orbit * outside), (face, "mucosa", mucosa * outside)]
+    return parts, brain
+
+
+@dataclass(frozen=True)
+class _Tumour:
+    box: tuple[slice, slice, slice]
+    label: npt.NDArray[np.uint8]
+    fraction: F32  # soft tumour fraction (label = its 0.5 level inside the intracranial volume)
+    necrosis: F32
+    enhancing: F32
+    texture: F32  # multiplicative heterogeneity of T2/FLAIR signal
+    enhancement: str
+
+
+def _tumour(rng: np.random.Generator, icv: F32, centre: F64, r: float, radius: float, volume_ml: float) -> _Tumour:
+    """An irregular tumour: union of rotated ellipsoids with a noisy, soft margin, of a set volume."""
+    half = (2.6 * radius + 6.0) / r
+    lo = np.maximum(np.floor(centre - half).astype(int), 0)
+    hi = np.minimum(np.ceil(centre + half).astype(int) + 1, icv.shape)
+    box = (slice(lo[0], hi[0]), slice(lo[1], hi[1]), slice(lo[2], hi[2]))
+    shape = tuple(int(h - l) for l, h in zip(lo, hi))
+    grid = np.stack(np.meshgrid(*[(np.arange(lo[a], hi[a]) - centre[a]) * r for a in range(3)], indexing="ij"),
+                    axis=-1)
+    phi = np.full(shape, -1e3, np.float32)
+    for _ in range(int(rng.integers(2, 6))):
+        middle = rng.normal(0.0, 0.35 * radius, 3)
+        semi = radius * rng.uniform(0.45, 0.85, 3)
+        rot = _rotation(*rng.uniform(0.0, 360.0, 3))
+        u = ((grid - middle) @ rot) / semi
+        np.maximum(phi, ((1.0 - np.sqrt((u**2).sum(axis=-1))) * semi.min()).astype(np.float32), out=phi)
+    phi += rng.uniform(1.0, 3.0) * _smooth_noise(rng, shape, 2.5 / r)
+    phi = ndimage.gaussian_filter(phi, 1.0 / r)
+    allowed = icv[box] > 0.5
+    inside = phi[allowed]
+    n_vox = min(max(int(round(volume_ml * 1000.0 / r**3)), 1), inside.size)
+    level = float(np.partition(inside, inside.size - n_vox)[inside.size - n_vox])
+    label = ((phi >= level) & allowed).astype(np.uint8)
+    margin = rng.uniform(1.5, 3.0)
+    fraction = _ramp(phi - level, margin) * icv[box]
+    necrosis = np.zeros(shape, np.float32)
+    enhancing = np.zeros(shape, np.float32)
+    kind = str(rng.choice(["none", "patchy", "ring"], p=[0.45, 0.35, 0.2]))
+    depth = phi[label > 0]
+    if kind == "ring":
+        core = rng.uniform(0.1, 0.3)
+        core_level, rim_level = np.quantile(depth, [1.0 - core, 1.0 - core - rng.uniform(0.15, 0.3)])
+        necrosis = _ramp(phi - core_level, 1.0)
+        enhancing = _ramp(phi - rim_level, 1.0) - necrosis
+    elif kind == "patchy":
+        blobs = _smooth_noise(rng, shape, rng.uniform(1.5, 3.0) / r)
+        cut = np.quantile(blobs[label > 0], 1.0 - rng.uniform(0.1, 0.35))
+        enhancing = _ramp(blobs - cut, 0.3)
+    texture = 1.0 + 0.07 * _smooth_noise(rng, shape, 3.0 / r)
+    return _Tumour(box, label, fraction, necrosis * fraction, enhancing * fraction, texture, kind)
+
+
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma_vox: float) -> F32:
+    """Gaussian-smoothed white noise scaled to unit standard deviation."""
+    field = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma_vox)
+    out: F32 = (field / max(float(field.std()), 1e-6)).astype(np.float32)
+    return out
+
+
+def _signals(rng: np.random.Generator) -> dict[str, F32]:
+    """Per-case relative signal of each tissue in (t1c, t2, flair), jittered around :data:`_SIGNAL`."""
+    out = {k: (np.array(v) * np.exp(rng.normal(0.0, 0.05, 3))).astype(np.float32) for k, v in _SIGNAL.items()}
+    # Keep what defines the task: tumour below CSF on T2, far above it on FLAIR, dark on T1C.
+    out["tumour"] = np.array([rng.uniform(0.30, 0.45), rng.uniform(0.70, 0.88), rng.uniform(0.75, 0.95)], np.float32)
+    out["enhancing"] = np.array([rng.uniform(0.85, 1.05), *out["tumour"][1:]], np.float32)
+    return out
+
+
+def _render(parts: list[_Part], brain: dict[str, F32], tumour: _Tumour, signal: dict[str, F32]) -> dict[str, F32]:
+    """Relative-signal images: tissue fractions times signals, the tumour replacing brain."""
+    out: dict[str, F32] = {}
+    f, box = tumour.fraction, tumour.box
+    solid = f - tumour.necrosis - tumour.enhancing
+    for n, seq in enumerate(SEQUENCES):
+        image = np.zeros(brain["icv"].shape, np.float32)
+        for where, name, fraction in parts:
+            image[where] += fraction * signal[name][n]
+        normal = sum(brain[name][box] * signal[name][n] for name in ("gm", "wm", "csf"))
+        lesion = (solid * signal["tumour"][n] + tumour.enhancing * signal["enhancing"][n]) * (
+            tumour.texture if seq != "t1c" else 1.0) + tumour.necrosis * signal["necrosis"][n]
+        image[box] += lesion - f * normal
+        out[seq] = np.clip(image, 0.0, None, out=image)
+    return out
+
+
+def _acquire(clean: F32, affine: F64, rng: np.random.Generator) -> F32:
+    """Scanner-like 12-bit image: smooth multiplicative bias field, Rician noise, 0..4095 integers.
+
+    *affine* maps (i, j, k) to LPS mm; the bias field is a random quadratic in patient
+    coordinates (about the grid centre), computed every ~16 mm and interpolated.
+    """
+    gain = rng.uniform(1500.0, 2800.0)
+    sigma = rng.uniform(0.012, 0.03) * gain
+    linear = rng.normal(0.0, 0.12, 3)
+    quadratic = rng.normal(0.0, 0.06, 6)
+    voxel = np.linalg.norm(affine[:3, :3], axis=0)[::-1]  # mm along (k, j, i)
+    steps = np.maximum(np.floor(16.0 / voxel), 1.0)
+    cshape = tuple(int(math.ceil((n - 1) / s)) + 2 for n, s in zip(clean.shape, steps))
+    kji = np.stack(np.meshgrid(*[np.arange(c) * s for c, s in zip(cshape, steps)], indexing="ij"), axis=-1)
+    centre = (np.array(clean.shape) - 1) / 2.0
+    xyz = ((kji - centre)[..., ::-1] @ affine[:3, :3].T) / 100.0  # dm from the grid centre
+    pairs = ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))
+    bias = xyz @ linear + sum(q * xyz[..., a] * xyz[..., b] for q, (a, b) in zip(quadratic, pairs))
+    field = np.exp(np.clip(bias, -0.3, 0.3)).astype(np.float32) * np.float32(gain)
+    signal = clean * _upsample(field, clean.shape, steps)
+    noise = rng.standard_normal((2, *clean.shape), dtype=np.float32)
+    noise *= np.float32(sigma)
+    signal += noise[0]
+    out: F32 = np.hypot(signal, noise[1], out=signal)
+    np.clip(out, 0, MAX_STORED, out=out)
+    return np.round(out, out=out)
+
+
+# ------------------------------------------------------------------------------------- NIfTI
+
+
+def write_nifti_case(case: PhantomCase, out_dir: Path) -> Path:
+    """Write *case* as ``<out_dir>/<case_id>/<case_id>-{t1c,t2w,t2f,seg}.nii.gz``.
+
+    The layout of public paediatric brain tumour challenge data: int16 images, uint8 label
+    (1 = tumour), the case grid with its RAS affine (LPS with x and y negated) in both the qform
+    and the sform.
+
+    Returns
+    -------
+    Path
+        The case folder.
+    """
+    folder = out_dir / case.case_id
+    folder.mkdir(parents=True, exist_ok=True)
+    ras = RAS_TO_LPS @ case.affine
+    volumes: dict[str, npt.NDArray[np.generic]] = {NIFTI_SUFFIX[s]: case.images[s].astype(np.int16) for s in SEQUENCES}
+    volumes["seg"] = case.label
+    for suffix, array in volumes.items():
+        img = nib.Nifti1Image(np.ascontiguousarray(array.transpose(2, 1, 0)), ras)  # NIfTI data is (i, j, k)
+        img.set_qform(ras, code=1)
+        img.set_sform(ras, code=1)
+        img.header.set_xyzt_units("mm", "sec")
+        nib.save(img, folder / f"{case.case_id}-{suffix}.nii.gz")
+    log.info("phantom_nifti_written", case_id=case.case_id, folder=str(folder))
+    return folder
+
+
+# ------------------------------------------------------------------------------------- DICOM
+
+
+@dataclass(frozen=True)
+class _Acquisition:
+    """One acquisition grid; the affine maps (i, j, k) to LPS as in :mod:`dmg_node.volume`."""
+
+    sequence: str
+    description: str
+    three_d: bool
+    shape: tuple[int, int, int]  # slices, rows, columns
+    pixel_mm: float
+    thickness_mm: float
+    spacing_mm: float  # between slice centres
+    axes: F64  # columns: row direction (i), column direction (j), slice normal (k); LPS unit vectors
+    origin: F64  # LPS centre of the first pixel of the first slice
+
+    @property
+    def affine(self) -> F64:
+        out = np.eye(4)
+        out[:3, :3] = self.axes * np.array([self.pixel_mm, self.pixel_mm, self.spacing_mm])
+        out[:3, 3] = self.origin
+        return out
+
+
+@dataclass(frozen=True)
+class _Study:
+    """Study-level identity drawn from the seed (all synthetic)."""
+
+    seed: int
+    study_uid: str
+    frame_uid: str
+    when: datetime.datetime
+    birth_date: datetime.date
+    sex: str
+    weight_kg: float
+    field_t: float
+
+
+# Per sequence: DICOM MR physics (PS3.3 C.8.3.1) in the form sequence classifiers look for.
+_PHYSICS: dict[str, dict[str, object]] = {
+    "t2": {"ScanningSequence": "SE", "SequenceVariant": ["SK", "SP"], "ScanOptions": "",
+           "RepetitionTime": 5000.0, "EchoTime": 100.0, "EchoTrainLength": 15, "FlipAngle": 150.0,
+           "SequenceName": "*tse2d1_15"},
+    "flair": {"ScanningSequence": ["SE", "IR"], "SequenceVariant": ["SK", "SP", "MP"], "ScanOptions": "IR",
+              "RepetitionTime": 9000.0, "EchoTime": 120.0, "InversionTime": 2500.0, "EchoTrainLength": 16,
+              "FlipAngle": 150.0, "SequenceName": "*tir2d1_16"},
+    "t1c": {"ScanningSequence": ["GR", "IR"], "SequenceVariant": ["SK", "SP", "MP"], "ScanOptions": "IR",
+            "RepetitionTime": 2000.0, "EchoTime": 3.0, "InversionTime": 900.0, "EchoTrainLength": 1,
+            "FlipAngle": 9.0, "SequenceName": "*tfl3d1_16ns"},
+}
+
+
+def write_dicom_study(case: PhantomCase, out_dir: Path, *, seed: int, geometry: Geometry = "clinical",
+                      reference_rtstruct: bool = False) -> StudyManifest:
+    """Write *case* as one MR study of three classic MR Image Storage series (PS3.3 A.4).
+
+    Layout under *out_dir* (the study folder): ``dicom/S<nn>_<SEQ>/IM<nnnn>.dcm`` (send this
+    folder), ``truth/S<nn>_<SEQ>.npy`` (uint8 true mask on the series grid, (slices, rows,
+    columns) as :mod:`dmg_node.volume` orders them), ``reference/S<nn>_<SEQ>_RS.dcm`` (with
+    *reference_rtstruct*) and ``manifest.json``.
+
+    Parameters
+    ----------
+    case
+        From :func:`make_case`.
+    seed
+        Determines geometry, noise, dates and every UID (2.25 name-based UUIDs, PS3.5 B.2): the
+        same seed gives the same files, so do not send two studies made with one seed to one PACS.
+    geometry
+        ``"clinical"``: T2 (and often FLAIR) axial 2D 256x256, 4-5 mm slices, usually oblique;
+        T1C (and sometimes FLAIR) 3D sagittal 1 mm. ``"small"``: the same kinds of grid, coarse
+        (128x128 x 24 axial slices; 2.2 mm 3D) for tests.
+    reference_rtstruct
+        Also write an RTSTRUCT of the true mask per series (:mod:`dmg_node.rtstruct`).
+
+    Returns
+    -------
+    StudyManifest
+    """
+    if geometry not in ("clinical", "small"):
+        raise ValueError(f"geometry must be 'clinical' or 'small'; found {geometry!r}")
+    rng = np.random.default_rng([seed, 3])
+    study = _draw_study(seed, rng)
+    acquisitions = _plan(case, rng, geometry)
+    series = []
+    for number, acq in enumerate(acquisitions, start=1):
+        name = f"S{number:02d}_{acq.sequence.upper()}"
+        clean = _resample(case.noise_free[acq.sequence], case.affine, acq)
+        box = _label_box(case.label, case.affine, acq)
+        truth = (_resample(case.label.astype(np.float32), case.affine, acq, box) >= 0.5).astype(np.uint8)
+        pixels = _acquire(clean, acq.affine, np.random.default_rng([seed, 4, number])).astype(np.uint16)
+        series_uid = _uid(seed, "series", str(number))
+        datasets = _datasets(study, acq, number, series_uid, pixels)
+        folder = out_dir / "dicom" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for k, ds in enumerate(datasets):
+            dcmwrite(folder / f"IM{k + 1:04d}.dcm", ds, enforce_file_format=True)
+        (out_dir / "truth").mkdir(exist_ok=True)
+        np.save(out_dir / "truth" / f"{name}.npy", truth)
+        rtstruct = None
+        if reference_rtstruct:
+            rtstruct = f"reference/{name}_RS.dcm"
+            _write_reference(datasets, truth, study, number, out_dir / rtstruct)
+        volume_ml = float(truth.sum()) * acq.pixel_mm**2 * acq.spacing_mm / 1000.0
+        series.append(SeriesManifest(sequence=acq.sequence, folder=f"dicom/{name}", series_instance_uid=series_uid,
+                                     series_description=acq.description, n_instances=len(datasets),
+                                     truth=f"truth/{name}.npy", tumour_volume_ml=round(volume_ml, 3),
+                                     rtstruct=rtstruct))
+    manifest = StudyManifest(study_dir=out_dir, case_id=case.case_id, study_instance_uid=study.study_uid,
+                             frame_of_reference_uid=study.frame_uid, series=tuple(series))
+    body = {"case_id": case.case_id, "seed": seed, "tumour_site": case.tumour_site,
+            "enhancement": case.enhancement, "study_instance_uid": study.study_uid,
+            "frame_of_reference_uid": study.frame_uid,
+            "series": [s.__dict__ for s in series]}
+    (out_dir / "manifest.json").write_text(json.dumps(body, indent=2) + "\n")
+    log.info("phantom_study_written", case_id=case.case_id, study_dir=str(out_dir), n_series=len(series))
+    return manifest
+
+
+def _uid(seed: int, *parts: str) -> str:
+    """Deterministic UID: ``2.25.`` + a name-based (SHA-1) UUID of the seed and *parts* (PS3.5 B.2)."""
+    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, '/'.join((str(seed), *parts))).int}"
+
+
+def _draw_study(seed: int, rng: np.random.Generator) -> _Study:
+    when = datetime.datetime(2023, 1, 2, 8, 0) + datetime.timedelta(days=int(rng.integers(0, 730)),
+                                                                     minutes=int(rng.integers(0, 600)))
+    age_days = int(rng.integers(4 * 365, 14 * 365))
+    return _Study(seed=seed, study_uid=_uid(seed, "study"), frame_uid=_uid(seed, "frame-of-reference"), when=when,
+                  birth_date=when.date() - datetime.timedelta(days=age_days), sex=str(rng.choice(["F", "M"])),
+                  weight_kg=round(float(rng.uniform(16.0, 50.0)), 1), field_t=float(rng.choice([1.5, 3.0])))
+
+
+def _plan(case: PhantomCase, rng: np.random.Generator, geometry: Geometry) -> list[_Acquisition]:
+    """Acquisition grids: T2 axial 2D; FLAIR axial 2D (often T2's planning) or 3D sagittal; T1C 3D sagittal."""
+    idx = np.argwhere(case.noise_free["t2"] > 0.05)[:, ::-1]
+    head = idx.mean(axis=0) @ case.affine[:3, :3].T + case.affine[:3, 3]
+    tumour = np.argwhere(case.label)[:, ::-1] @ case.affine[:3, :3].T + case.affine[:3, 3]
+    t2 = _axial(rng, "t2", "T2 TSE AX", geometry, head, tumour)
+    choice = rng.uniform()
+    if choice < 0.4:
+        flair = _sagittal(rng, "flair", "T2 SPACE FLAIR SAG 3D", geometry, head, tumour)
+    elif choice < 0.7:
+        flair = _Acquisition("flair", "T2 FLAIR AX", False, t2.shape, t2.pixel_mm, t2.thickness_mm, t2.spacing_mm,
+                             t2.axes, t2.origin)
+    else:
+        flair = _axial(rng, "flair", "T2 FLAIR AX", geometry, head, tumour)
+    return [t2, flair, _sagittal(rng, "t1c", "T1 MPRAGE SAG +C", geometry, head, tumour)]
+
+
+def _axial(rng: np.random.Generator, sequence: str, description: str, geometry: Geometry, head: F64,
+           tumour: F64) -> _Acquisition:
+    """A 2D axial stack, tilted 5-20 degrees about left-right three times in four (AC-PC style)."""
+    size = 256 if geometry == "clinical" else 128
+    pixel = rng.uniform(220.0, 240.0) / size
+    thickness = float(rng.choice([4.0, 5.0]))
+    spacing = thickness + float(rng.choice([0.0, 0.1, 0.2])) * thickness
+    n = int(round(rng.uniform(140.0, 160.0) / spacing)) if geometry == "clinical" else 24
+    tilt = np.zeros(3)
+    if rng.uniform() < 0.75:
+        tilt = np.array([rng.choice([-1.0, 1.0]) * rng.uniform(5.0, 20.0), *rng.uniform(-3.0, 3.0, 2)])
+    axes = _rotation(*tilt)  # columns: R e_x (rows run right to left), R e_y (anterior to posterior), R e_z
+    return _place(rng, sequence, description, False, (n, size, size), pixel, thickness, spacing, axes, head, tumour)
+
+
+def _sagittal(rng: np.random.Generator, sequence: str, description: str, geometry: Geometry, head: F64,
+              tumour: F64) -> _Acquisition:
+    """A 3D sagittal slab (rows anterior to posterior, columns superior to inferior), tilted < 6 degrees."""
+    n, size, pixel = (176, 256, 1.0) if geometry == "clinical" else (80, 112, 2.2)
+    base = np.array([[0.0, 0.0, -1.0], [1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])  # columns: +y, -z, -x
+    axes = _rotation(*rng.uniform(-6.0, 6.0, 3)) @ base
+    return _place(rng, sequence, description, True, (n, size, size), pixel, pixel, pixel, axes, head, tumour)
+
+
+def _place(rng: np.random.Generator, sequence: str, description: str, three_d: bool, shape: tuple[int, int, int],
+           pixel: float, thickness: float, spacing: float, axes: F64, head: F64, tumour: F64) -> _Acquisition:
+    """Centre the grid on the head (with jitter), shifted as needed to hold the whole tumour."""
+    extent = np.array([(shape[2] - 1) * pixel, (shape[1] - 1) * pixel, (shape[0] - 1) * spacing + thickness])
+    centre = np.zeros(3)
+    for a in range(3):
+        along = tumour @ axes[:, a]
+        half = extent[a] / 2.0 - 6.0  # keep 6 mm around the tumour
+        wanted = float(head @ axes[:, a] + rng.normal(0.0, 4.0))
+        low, high = float(along.max()) - half, float(along.min()) + half
+        centre[a] = float(np.clip(wanted, low, high)) if low <= high else float(along.mean())
+    middle = axes @ centre
+    origin = middle - axes @ (np.array([shape[2] - 1, shape[1] - 1, shape[0] - 1]) / 2.0
+                              * np.array([pixel, pixel, spacing]))
+    return _Acquisition(sequence, description, three_d, shape, pixel, thickness, spacing, axes, origin)
+
+
+def _resample(volume: F32, affine: F64, acq: _Acquisition, box: tuple[slice, ...] | None = None) -> F32:
+    """Linear resampling of a case array onto *acq*'s grid (zero outside *box*, when given).
+
+    Thick slices average samples across the slice, about one per 2 case voxels.
+    """
+    sub = max(1, math.ceil(acq.thickness_mm / (2.0 * float(np.linalg.norm(affine[:3, 0])))))
+    to_case = np.linalg.inv(affine) @ acq.affine  # acquisition (i, j, k) -> case (i, j, k)
+    matrix = to_case[:3, :3][::-1, ::-1]  # both in array order (k, j, i)
+    box = box or _EVERYWHERE
+    start = np.array([sl.indices(n)[0] for sl, n in zip(box, acq.shape)], dtype=np.float64)
+    shape = tuple(len(range(*sl.indices(n))) for sl, n in zip(box, acq.shape))
+    offset = to_case[:3, 3][::-1] + matrix @ start
+    out = np.zeros(acq.shape, np.float32)
+    part = out[box]
+    for s in range(sub):
+        dk = ((s + 0.5) / sub - 0.5) * acq.thickness_mm / acq.spacing_mm
+        part += ndimage.affine_transform(volume, matrix, offset + matrix[:, 0] * dk, output_shape=shape,
+                                         order=1, output=np.float32, cval=0.0, prefilter=False)
+    part /= np.float32(sub)
+    return out
+
+
+def _label_box(label: npt.NDArray[np.uint8], affine: F64, acq: _Acquisition) -> tuple[slice, ...]:
+    """Slices of *acq*'s grid (array order) that can see the label, with a 2-voxel margin."""
+    where = np.argwhere(label)
+    lo, hi = where.min(axis=0)[::-1] - 1.0, where.max(axis=0)[::-1] + 1.0  # (i, j, k), voxel edges
+    corners = np.array([[x, y, z, 1.0] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
+    ijk = (np.linalg.inv(acq.affine) @ affine @ corners.T)[:3][::-1]  # (k, j, i)
+    margin = np.array([acq.thickness_mm / acq.spacing_mm + 2.0, 2.0, 2.0])
+    first = np.clip(np.floor(ijk.min(axis=1) - margin).astype(int), 0, acq.shape)
+    last = np.clip(np.ceil(ijk.max(axis=1) + margin).astype(int) + 1, 0, acq.shape)
+    return tuple(slice(int(a), int(b)) for a, b in zip(first, last))
+
+
+def _datasets(study: _Study, acq: _Acquisition, number: int, series_uid: str,
+              pixels: npt.NDArray[np.uint16]) -> list[Dataset]:
+    """One MR Image Storage dataset per slice, in slice order (InstanceNumber 1 first)."""
+    date, clock = study.when.strftime("%Y%m%d"), study.when.strftime("%H%M%S")
+    acquired = study.when + datetime.timedelta(minutes=4 * number)
+    shared = Dataset()
+    shared.SpecificCharacterSet = "ISO_IR 100"
+    shared.ImageType = ["ORIGINAL", "PRIMARY", "M", "NORM"]
+    shared.SOPClassUID = MRImageStorage
+    shared.StudyDate = shared.SeriesDate = shared.ContentDate = shared.AcquisitionDate = date
+    shared.StudyTime = clock
+    shared.SeriesTime = shared.ContentTime = shared.AcquisitionTime = acquired.strftime("%H%M%S")
+    shared.AccessionNumber = f"PHA{study.seed}"[:16]
+    shared.Modality = "MR"
+    shared.Manufacturer = MANUFACTURER
+    shared.InstitutionName = "dmg-node phantom"
+    shared.ReferringPhysicianName = "REFERRER^PHANTOM"
+    shared.StudyDescription = "MR BRAIN PHANTOM"
+    shared.SeriesDescription = shared.ProtocolName = acq.description
+    shared.ManufacturerModelName = "ICBM152 DMG phantom"
+    shared.PatientName = f"PHANTOM^DMG^{study.seed}"
+    shared.PatientID = f"PH{study.seed}"
+    shared.PatientBirthDate = study.birth_date.strftime("%Y%m%d")
+    shared.PatientSex = study.sex
+    shared.PatientAge = f"{(study.when.date() - study.birth_date).days // 365:03d}Y"
+    shared.PatientWeight = format_number_as_ds(study.weight_kg)
+    shared.BodyPartExamined = "HEAD"
+    for keyword, value in _PHYSICS[acq.sequence].items():
+        setattr(shared, keyword, value)
+    shared.MRAcquisitionType = "3D" if acq.three_d else "2D"
+    shared.SliceThickness = format_number_as_ds(round(acq.thickness_mm, 6))
+    shared.SpacingBetweenSlices = format_number_as_ds(round(acq.spacing_mm, 6))
+    shared.NumberOfAverages = 1
+    shared.ImagingFrequency = format_number_as_ds(round(42.577478 * study.field_t, 6))
+    shared.ImagedNucleus = "1H"
+    shared.MagneticFieldStrength = format_number_as_ds(study.field_t)
+    shared.EchoNumbers = 1
+    shared.PercentSampling = 100
+    shared.PercentPhaseFieldOfView = 100
+    shared.PixelBandwidth = 200
+    shared.SoftwareVersions = dmg_node.__version__
+    shared.AcquisitionMatrix = [0, acq.shape[2], acq.shape[1], 0]
+    shared.InPlanePhaseEncodingDirection = "COL"
+    shared.PatientPosition = "HFS"
+    if acq.sequence == "t1c":
+        shared.ContrastBolusAgent = "Gadobutrol"
+        shared.ContrastBolusRoute = "IV"
+        shared.ContrastBolusVolume = format_number_as_ds(round(0.1 * study.weight_kg, 1))
+        shared.ContrastBolusIngredient = "GADOLINIUM"
+    shared.StudyInstanceUID = study.study_uid
+    shared.SeriesInstanceUID = series_uid
+    shared.StudyID = f"PH{study.seed}"[:16]
+    shared.SeriesNumber = number
+    shared.AcquisitionNumber = 1
+    shared.FrameOfReferenceUID = study.frame_uid
+    shared.PositionReferenceIndicator = ""
+    shared.ImageOrientationPatient = [format_number_as_ds(round(float(v), 8)) for v in acq.axes[:, :2].T.ravel()]
+    shared.SamplesPerPixel = 1
+    shared.PhotometricInterpretation = "MONOCHROME2"
+    shared.Rows, shared.Columns = acq.shape[1], acq.shape[2]
+    shared.PixelSpacing = [format_number_as_ds(round(acq.pixel_mm, 8))] * 2
+    shared.BitsAllocated = 16
+    shared.BitsStored = 12
+    shared.HighBit = 11
+    shared.PixelRepresentation = 0
+    low, high = np.percentile(pixels[pixels > 0.1 * pixels.max()], [1.0, 99.5])
+    shared.WindowCenter = format_number_as_ds(round(float(low + high) / 2.0, 1))
+    shared.WindowWidth = format_number_as_ds(round(float(high - low), 1))
+    out = []
+    for k in range(acq.shape[0]):
+        ds = Dataset()
+        ds.update(shared)
+        sop_uid = _uid(study.seed, "instance", str(number), str(k))
+        ds.SOPInstanceUID = sop_uid
+        ds.InstanceNumber = k + 1
+        position = acq.origin + k * acq.spacing_mm * acq.axes[:, 2]
+        ds.ImagePositionPatient = [format_number_as_ds(round(float(v), 6)) for v in position]
+        ds.SliceLocation = format_number_as_ds(round(float(position @ acq.axes[:, 2]), 6))
+        ds.PixelData = pixels[k].tobytes()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
+        ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        out.append(ds)
+    return out
+
+
+def _write_reference(datasets: list[Dataset], truth: npt.NDArray[np.uint8], study: _Study, number: int,
+                     path: Path) -> None:
+    """RTSTRUCT of the true mask on one series, built like the node's own output."""
+    # Imported here: the phantom is test data, not a pipeline stage, and needs this only on request.
+    from dmg_node.rtstruct import RoiSpec, RtStructMeta, build_rtstruct, save_rtstruct
+    from dmg_node.volume import build_volume
+
+    volume = build_volume(datasets)
+    roi = RoiSpec(name="DMG_TRUTH", color=(0, 255, 0), generation_description="dmg-node phantom ground truth")
+    meta = RtStructMeta(sop_instance_uid=_uid(study.seed, "rtstruct", str(number)),
+                        series_instance_uid=_uid(study.seed, "rtstruct-series", str(number)),
+                        created=study.when + datetime.timedelta(hours=1), manufacturer=MANUFACTURER,
+                        series_description="Phantom reference DMG contour (ground truth)",
+                        structure_set_label="DMG_TRUTH")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_rtstruct(build_rtstruct(datasets, volume, truth.astype(bool), roi, meta), path)
+
+
+# ---------------------------------------------------------------------------------- generate
+
+
+def generate(out_dir: Path, n_cases: int, seed: int, formats: Iterable[str], *, resolution_mm: float = 1.0,
+             geometry: Geometry = "clinical", reference_rtstruct: bool = False) -> list[Path]:
+    """Write *n_cases* phantom cases (seeds ``seed`` .. ``seed + n_cases - 1``).
+
+    NIfTI cases go to ``<out_dir>/nifti/<case_id>/`` and DICOM studies to
+    ``<out_dir>/dicom/<case_id>/`` (see :func:`write_nifti_case`, :func:`write_dicom_study`).
+    Case *n* is ``make_case(seed + n)`` whatever the run, so keep seed ranges of training,
+    validation and test sets apart.
+
+    Returns
+    -------
+    list[Path]
+        The case folders written, in order.
+
+    Raises
+    ------
+    ValueError
+        If *formats* is empty or names a format other than ``dicom`` and ``nifti``, or
+        *n_cases* is below 1.
+    """
+    wanted = set(formats)
+    if not wanted or not wanted <= FORMATS:
+        raise ValueError(f"formats must be a non-empty subset of {sorted(FORMATS)}; found {sorted(wanted)}")
+    if n_cases < 1:
+        raise ValueError(f"n_cases must be at least 1; found {n_cases}")
+    written: list[Path] = []
+    for index in range(n_cases):
+        case = make_case(seed + index, resolution_mm=resolution_mm)
+        if "nifti" in wanted:
+            written.append(write_nifti_case(case, out_dir / "nifti"))
+        if "dicom" in wanted:
+            study = write_dicom_study(case, out_dir / "dicom" / case.case_id, seed=seed + index, geometry=geometry,
+                                      reference_rtstruct=reference_rtstruct)
+            written.append(study.study_dir)
+    return written

@@ -1,0 +1,443 @@
+"""Train one per-sequence model: generator + patch discriminator (or the generator alone).
+
+Loss of the generator: Dice + binary cross-entropy (MONAI ``DiceCELoss``) plus, unless
+``adversarial=False``, ``adv_weight`` times the adversarial loss of the discriminator's verdict
+on (image, predicted probability) pairs. The discriminator learns to tell those from
+(image, reference mask) pairs. Cases are preprocessed once onto the model grid and cached;
+training samples patches (two thirds centred on tumour) with left-right flips and intensity
+jitter. After each epoch the validation Dice (whole volumes, sliding window, model grid) is
+logged, the best generator kept and a resumable checkpoint written.
+
+Outputs in ``out_dir``: ``generator.pt``, ``generator.onnx`` and ``manifest.json`` (best
+epoch). Scratch in ``work_dir`` (default ``out_dir/work``): the cache and ``checkpoint.pt``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import structlog
+import torch
+from monai.losses.adversarial_loss import PatchAdversarialLoss
+from monai.losses.dice import DiceCELoss
+from tqdm import tqdm
+
+from dmg_node.errors import ModelError
+from dmg_node.fsutil import atomic_write, ensure_dir
+from dmg_node.segment.data import DEFAULT_ROI_PATTERN, CaseSource, find_cases
+from dmg_node.segment.export import export_onnx, save_generator
+from dmg_node.segment.infer import resolve_device, sliding_window_probability, torch_predictor
+from dmg_node.segment.manifest import (
+    ONNX_WEIGHTS,
+    RESEARCH_USE,
+    SEQUENCES,
+    TORCH_WEIGHTS,
+    Manifest,
+    sha256_file,
+    write_manifest,
+)
+from dmg_node.segment.network import Discriminator, Generator, GeneratorConfig, count_parameters
+from dmg_node.segment.preprocess import PreprocessConfig, prepare
+
+log = structlog.get_logger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+ADV_CRITERIA = ("least_squares", "bce", "hinge")
+FloatArray = npt.NDArray[np.float32]
+BoolArray = npt.NDArray[np.bool_]
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Everything that shapes a training run (stored in the checkpoint and the manifest)."""
+
+    sequence: str
+    epochs: int = 40
+    steps_per_epoch: int = 40
+    batch_size: int = 2
+    lr: float = 2e-3
+    seed: int = 0
+    adversarial: bool = True
+    adv_weight: float = 0.05
+    adv_criterion: str = "least_squares"
+    val_fraction: float = 0.15
+    pos_fraction: float = 0.67
+    patch_size: tuple[int, int, int] = (48, 48, 48)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+
+    def resumable_from(self, other: dict[str, Any]) -> bool:
+        """Whether a checkpoint made with ``other`` may continue under these settings."""
+        mine = self.to_dict()
+        return {k: v for k, v in mine.items() if k != "epochs"} == {k: v for k, v in other.items() if k != "epochs"}
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        data = asdict(self)
+        data["patch_size"] = list(self.patch_size)
+        data["generator"] = self.generator.to_dict()
+        data["preprocess"] = self.preprocess.to_dict()
+        return data
+
+
+@dataclass(frozen=True)
+class PreparedCase:
+    """A case on the model grid, as cached: z-scored image and tumour fraction (0..1)."""
+
+    case_id: str
+    image: FloatArray
+    label: FloatArray
+
+
+def load_prepared(cases: list[CaseSource], config: PreprocessConfig, cache_dir: Path) -> list[PreparedCase]:
+    """Preprocess each case onto the model grid, reusing ``cache_dir/<case>.npz`` when present.
+
+    The cache folder name should carry a hash of ``config`` (see :func:`train`), so changed
+    preprocessing never reads stale files.
+    """
+    ensure_dir(cache_dir)
+    out = []
+    for source in tqdm(cases, desc="preprocess", disable=not sys.stderr.isatty(), leave=False):
+        path = cache_dir / f"{source.case_id}.npz"
+        if path.is_file():
+            with np.load(path) as npz:
+                image, label = npz["image"].astype(np.float32), npz["label"].astype(np.float32) / 255
+        else:
+            case = source.load()
+            prepared = prepare(case.image, config, case.label)
+            assert prepared.label is not None
+            image, label = prepared.image, prepared.label
+            buffer = io.BytesIO()
+            np.savez(buffer, image=image.astype(np.float16), label=np.round(label * 255).astype(np.uint8))
+            atomic_write(path, buffer.getvalue(), sync=False)
+        out.append(PreparedCase(source.case_id, image, label))
+    return out
+
+
+class PatchSampler:
+    """Random training patches with augmentation, reproducible from its numpy Generator."""
+
+    def __init__(self, cases: list[PreparedCase], patch: tuple[int, int, int], pos_fraction: float, seed: int) -> None:
+        self.cases = cases
+        self.patch = np.array(patch)
+        self.pos_fraction = pos_fraction
+        self.rng = np.random.default_rng(seed)
+        self.tumour = [np.argwhere(c.label > 0.5) for c in cases]
+
+    def _one(self) -> tuple[FloatArray, FloatArray]:
+        index = int(self.rng.integers(len(self.cases)))
+        case, tumour = self.cases[index], self.tumour[index]
+        shape = np.array(case.image.shape)
+        if len(tumour) and self.rng.random() < self.pos_fraction:
+            centre = tumour[int(self.rng.integers(len(tumour)))]
+        else:
+            centre = np.array([self.rng.integers(n) for n in shape])
+        start = np.clip(centre - self.patch // 2, 0, np.maximum(shape - self.patch, 0))
+        sl = tuple(slice(int(a), int(a + p)) for a, p in zip(start, self.patch))
+        pads = [(0, int(max(0, p - n))) for p, n in zip(self.patch, shape)]
+        image = np.pad(case.image[sl], pads, constant_values=float(case.image.min()))
+        label = np.pad(case.label[sl], pads)
+        if self.rng.random() < 0.5:  # left-right mirror: the last axis of the canonical grid is L
+            image, label = image[..., ::-1], label[..., ::-1]
+        image = image * np.float32(self.rng.uniform(0.85, 1.15)) + np.float32(self.rng.uniform(-0.15, 0.15))
+        if self.rng.random() < 0.3:
+            image = image + self.rng.normal(0.0, self.rng.uniform(0.0, 0.1), image.shape).astype(np.float32)
+        return image.astype(np.float32), np.ascontiguousarray(label)
+
+    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``size`` patches as (N, 1, S, P, L) image and label tensors."""
+        pairs = [self._one() for _ in range(size)]
+        images = torch.from_numpy(np.stack([p[0] for p in pairs]))[:, None]
+        labels = torch.from_numpy(np.stack([p[1] for p in pairs]))[:, None]
+        return images, labels
+
+
+class GanStep:
+    """One optimisation step: generator on Dice+CE (+ adversarial), then the discriminator.
+
+    Parameters
+    ----------
+    generator, discriminator
+        The two networks (the discriminator is left untouched when ``adversarial`` is off).
+    lr
+        Learning rate of both (AdamW for the generator; Adam with beta1 0.5 for the
+        discriminator, as usual for GANs).
+    adversarial, adv_weight, adv_criterion
+        Whether, how much and with which criterion (MONAI ``PatchAdversarialLoss``) the
+        discriminator's verdict enters the generator loss.
+    """
+
+    def __init__(
+        self,
+        generator: Generator,
+        discriminator: Discriminator,
+        lr: float,
+        *,
+        adversarial: bool = True,
+        adv_weight: float = 0.05,
+        adv_criterion: str = "least_squares",
+    ) -> None:
+        self.generator = generator
+        self.discriminator = discriminator
+        self.adversarial = adversarial
+        self.adv_weight = adv_weight
+        self.opt_g = torch.optim.AdamW(generator.parameters(), lr=lr, weight_decay=1e-5)
+        self.opt_d = torch.optim.Adam(discriminator.parameters(), lr=lr, betas=(0.5, 0.999))
+        self.seg_loss = DiceCELoss(sigmoid=True)
+        self.adv_loss = PatchAdversarialLoss(criterion=adv_criterion)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        """Update on one batch of images ``x`` and tumour fractions ``y``; return the losses."""
+        logits = self.generator(x)
+        loss_seg = self.seg_loss(logits, y)
+        losses = {"seg": loss_seg.item()}
+        loss_g = loss_seg
+        if self.adversarial:
+            prob = torch.sigmoid(logits)
+            loss_adv = self.adv_loss(self.discriminator(x, prob), target_is_real=True, for_discriminator=False)
+            loss_g = loss_seg + self.adv_weight * loss_adv
+            losses["adv"] = loss_adv.item()
+        self.opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        self.opt_g.step()
+        if self.adversarial:
+            real = self.adv_loss(self.discriminator(x, y), target_is_real=True, for_discriminator=True)
+            fake = self.adv_loss(self.discriminator(x, prob.detach()), target_is_real=False, for_discriminator=True)
+            loss_d = 0.5 * (real + fake)
+            self.opt_d.zero_grad(set_to_none=True)
+            loss_d.backward()
+            self.opt_d.step()
+            losses["disc"] = loss_d.item()
+        return losses
+
+
+def dice(pred: BoolArray, ref: BoolArray) -> float:
+    """Dice coefficient; 1.0 when both masks are empty."""
+    total = int(pred.sum()) + int(ref.sum())
+    return 1.0 if total == 0 else 2.0 * int(np.logical_and(pred, ref).sum()) / total
+
+
+def validate(generator: Generator, cases: list[PreparedCase], patch: tuple[int, int, int], device: torch.device) -> float:
+    """Mean Dice over whole model-grid volumes (threshold 0.5)."""
+    generator.eval()
+    predictor = torch_predictor(generator, device)
+    scores = [dice(sliding_window_probability(predictor, c.image, patch) > 0.5, c.label > 0.5) for c in cases]
+    generator.train()
+    return float(np.mean(scores))
+
+
+def _split(cases: list[CaseSource], val_fraction: float, seed: int) -> tuple[list[CaseSource], list[CaseSource]]:
+    """Seeded split into training and validation cases (at least one of each when possible)."""
+    order = np.random.default_rng(seed).permutation(len(cases))
+    n_val = min(max(1, round(len(cases) * val_fraction)), len(cases) - 1) if len(cases) > 1 else 0
+    val = [cases[i] for i in sorted(order[:n_val])]
+    return [cases[i] for i in sorted(order[n_val:])], val
+
+
+def _save(path: Path, obj: object) -> None:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write(path, buffer.getvalue())
+
+
+def train(
+    sequence: str,
+    data_dir: Path,
+    out_dir: Path,
+    *,
+    epochs: int = 40,
+    steps_per_epoch: int = 40,
+    batch_size: int = 2,
+    lr: float = 2e-3,
+    seed: int = 0,
+    adversarial: bool = True,
+    adv_weight: float = 0.05,
+    adv_criterion: str = "least_squares",
+    device: str = "auto",
+    resume: bool = True,
+    val_fraction: float = 0.15,
+    patch_size: tuple[int, int, int] = (48, 48, 48),
+    generator: GeneratorConfig | None = None,
+    preprocess: PreprocessConfig | None = None,
+    roi_pattern: str = DEFAULT_ROI_PATTERN,
+    work_dir: Path | None = None,
+    time_limit_s: float | None = None,
+    version: str = "0.1.0",
+    intended_use: str = RESEARCH_USE,
+    data_description: str = "",
+) -> Manifest:
+    """Train a model for ``sequence`` on the labelled cases in ``data_dir``; write ``out_dir``.
+
+    Parameters
+    ----------
+    sequence
+        ``t1c``, ``t2`` or ``flair``.
+    data_dir
+        Labelled cases (see :func:`dmg_node.segment.data.find_cases`).
+    out_dir
+        Model folder to write (weights + manifest of the best epoch).
+    epochs, steps_per_epoch, batch_size, lr, seed
+        Schedule (cosine learning-rate decay over ``epochs``) and reproducibility.
+    adversarial, adv_weight, adv_criterion
+        Train against the patch discriminator (``least_squares``, ``bce`` or ``hinge``), or
+        the plain generator with ``adversarial=False``.
+    device
+        ``auto`` (CUDA when available), ``cpu`` or ``cuda[:N]``.
+    resume
+        Continue from ``work_dir/checkpoint.pt`` when it exists (same settings; ``epochs``
+        may grow).
+    val_fraction
+        Fraction of cases held out for the per-epoch validation Dice.
+    patch_size
+        Training patch (also the inference window), model-grid voxels (S, P, L).
+    generator, preprocess
+        Network and preprocessing parameters (defaults when None).
+    roi_pattern
+        Regular expression (``re.search``) choosing RTSTRUCT ROIs for DICOM data.
+    work_dir
+        Cache and checkpoint folder (default ``out_dir/work``; not part of the model).
+    time_limit_s
+        Stop after the last epoch that fits in this many seconds.
+    version, intended_use, data_description
+        Written to the manifest.
+
+    Returns
+    -------
+    Manifest
+        The manifest written to ``out_dir``.
+
+    Raises
+    ------
+    ModelError
+        On invalid arguments or a checkpoint made with other settings.
+    SeriesError
+        If the data folder holds no usable case.
+    """
+    if sequence not in SEQUENCES:
+        raise ModelError(f"sequence must be one of {SEQUENCES}; found {sequence!r}")
+    if adv_criterion not in ADV_CRITERIA:
+        raise ModelError(f"adv_criterion must be one of {ADV_CRITERIA}; found {adv_criterion!r}")
+    settings = TrainSettings(
+        sequence, epochs, steps_per_epoch, batch_size, lr, seed, adversarial, adv_weight, adv_criterion,
+        val_fraction, patch_size=patch_size, generator=generator or GeneratorConfig(),
+        preprocess=preprocess or PreprocessConfig(),
+    )
+    if any(p % settings.generator.divisor for p in patch_size):
+        raise ModelError(f"patch_size must be multiples of {settings.generator.divisor}; found {patch_size}")
+    work = work_dir or out_dir / "work"
+    torch_device = resolve_device(device)
+    started = time.monotonic()
+    torch.manual_seed(seed)
+
+    sources = list(find_cases(data_dir, sequence, roi_pattern))
+    train_src, val_src = _split(sources, val_fraction, seed)
+    key = hashlib.sha256(json.dumps(settings.preprocess.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+    cache = work / f"cache-{sequence}-{key}"
+    train_cases = load_prepared(train_src, settings.preprocess, cache)
+    val_cases = load_prepared(val_src, settings.preprocess, cache)
+
+    gen = Generator(settings.generator).to(torch_device)
+    disc = Discriminator().to(torch_device)
+    step = GanStep(gen, disc, lr, adversarial=adversarial, adv_weight=adv_weight, adv_criterion=adv_criterion)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(step.opt_g, T_max=epochs, eta_min=lr * 0.02)
+    sampler = PatchSampler(train_cases, patch_size, settings.pos_fraction, seed)
+    state: dict[str, Any] = {"epoch": 0, "best_dice": -1.0, "best_epoch": 0, "history": [], "best": None}
+
+    checkpoint = work / CHECKPOINT
+    if resume and checkpoint.is_file():
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        if not settings.resumable_from(saved["settings"]):
+            raise ModelError(
+                f"checkpoint {checkpoint} was made with other settings; pass resume=False or another work dir"
+            )
+        gen.load_state_dict(saved["generator"])
+        disc.load_state_dict(saved["discriminator"])
+        step.opt_g.load_state_dict(saved["opt_g"])
+        step.opt_d.load_state_dict(saved["opt_d"])
+        sched.load_state_dict(saved["sched"])
+        sched.T_max = epochs
+        sampler.rng.bit_generator.state = saved["sampler_rng"]
+        torch.set_rng_state(saved["torch_rng"])
+        state = saved["state"]
+        log.info("training_resumed", checkpoint=str(checkpoint), epoch=state["epoch"])
+
+    log.info(
+        "training_started", sequence=sequence, train_cases=len(train_cases), val_cases=len(val_cases),
+        device=str(torch_device), generator_params=count_parameters(gen), adversarial=adversarial,
+    )
+    gen.train()
+    disc.train()
+    epoch_seconds = 0.0
+    while state["epoch"] < epochs:
+        if time_limit_s is not None and time.monotonic() - started + epoch_seconds > time_limit_s:
+            log.info("training_time_limit", seconds=round(time.monotonic() - started), epoch=state["epoch"])
+            break
+        t0 = time.monotonic()
+        epoch = state["epoch"] + 1
+        sums = {"seg": 0.0, "adv": 0.0, "disc": 0.0}
+        bar = tqdm(range(steps_per_epoch), desc=f"{sequence} epoch {epoch}/{epochs}", disable=not sys.stderr.isatty())
+        for _ in bar:
+            x, y = (t.to(torch_device) for t in sampler.batch(batch_size))
+            losses = step(x, y)
+            for k, v in losses.items():
+                sums[k] += v
+            bar.set_postfix(seg=f"{losses['seg']:.3f}")
+        sched.step()
+        val_dice = validate(gen, val_cases, patch_size, torch_device) if val_cases else math.nan
+        record = {k: round(v / steps_per_epoch, 4) for k, v in sums.items()} | {"epoch": epoch, "val_dice": round(val_dice, 4)}
+        state["history"].append(record)
+        state["epoch"] = epoch
+        if not val_cases or val_dice > state["best_dice"]:
+            state["best_dice"], state["best_epoch"] = (val_dice if val_cases else -1.0), epoch
+            state["best"] = {k: v.detach().cpu().clone() for k, v in gen.state_dict().items()}
+        _save(checkpoint, {
+            "settings": settings.to_dict(), "generator": gen.state_dict(), "discriminator": disc.state_dict(),
+            "opt_g": step.opt_g.state_dict(), "opt_d": step.opt_d.state_dict(), "sched": sched.state_dict(),
+            "sampler_rng": sampler.rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "state": state,
+        })
+        epoch_seconds = time.monotonic() - t0
+        log.info("epoch_finished", sequence=sequence, seconds=round(epoch_seconds, 1), **record)
+
+    if state["best"] is None:
+        raise ModelError(f"training must run at least one epoch; time_limit_s={time_limit_s} allowed none")
+    final = Generator(settings.generator)
+    final.load_state_dict(state["best"])
+    ensure_dir(out_dir)
+    save_generator(final, out_dir / TORCH_WEIGHTS)
+    export_onnx(final, out_dir / ONNX_WEIGHTS)
+    metrics = {"val_dice": state["best_dice"]} if val_cases else {}
+    manifest = Manifest(
+        name=out_dir.name,
+        sequence=sequence,
+        version=version,
+        generator=settings.generator,
+        preprocess=settings.preprocess,
+        patch_size=patch_size,
+        sha256={name: sha256_file(out_dir / name) for name in (TORCH_WEIGHTS, ONNX_WEIGHTS)},
+        training={
+            "data": data_description or str(data_dir),
+            "train_cases": [c.case_id for c in train_cases],
+            "val_cases": [c.case_id for c in val_cases],
+            "settings": settings.to_dict(),
+            "best_epoch": state["best_epoch"],
+            "epochs_run": state["epoch"],
+            "history": state["history"],
+            "device": str(torch_device),
+            "seconds": round(time.monotonic() - started, 1),
+        },
+        metrics=metrics,
+        intended_use=intended_use,
+    )
+    write_manifest(out_dir, manifest)
+    log.info("training_finished", sequence=sequence, out_dir=str(out_dir), best_epoch=state["best_epoch"], **metrics)
+    return manifest
