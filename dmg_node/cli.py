@@ -16,6 +16,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import numpy as np
 import structlog
 
 from dmg_node import __version__, config, logs
@@ -162,6 +163,90 @@ def cmd_classify(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_phantom(args: argparse.Namespace) -> int:
+    from dmg_node.segment.phantom import generate
+
+    logs.configure("info", "console", stream=sys.stderr)
+    formats = {f.strip() for f in args.format.split(",") if f.strip()}
+    written = generate(Path(args.out), args.n, args.seed, formats, geometry=args.geometry,
+                       reference_rtstruct=args.rtstruct)
+    for path in written:
+        print(path)
+    return EXIT_OK
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from dmg_node.segment.train import train
+
+    logs.configure("info", "console", stream=sys.stderr)
+    manifest = train(args.sequence, Path(args.data), Path(args.out), epochs=args.epochs, seed=args.seed,
+                     adversarial=not args.no_adversarial, adv_weight=args.adv_weight, device=args.device,
+                     resume=not args.no_resume, steps_per_epoch=args.steps_per_epoch)
+    print(json.dumps({"model": str(args.out), "sequence": manifest.sequence, "metrics": manifest.metrics}, indent=2))
+    return EXIT_OK
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from dmg_node.segment.evaluate import evaluate
+
+    logs.configure("info", "console", stream=sys.stderr)
+    report_dir = Path(args.report) if args.report else Path(args.model) / "evaluation"
+    evaluate(Path(args.model), Path(args.data), report_dir, device=args.device)
+    print(f"report: {report_dir / 'report.md'}")
+    return EXIT_OK
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from pydicom import dcmread
+
+    from dmg_node.classify import Label, classify, compile_rules, header_from_dataset
+    from dmg_node.dicomfiles import find_series, read_datasets
+    from dmg_node.node import contour_series
+    from dmg_node.rtstruct import save_rtstruct
+    from dmg_node.segment.infer import Segmenter
+
+    settings = _settings(args)
+    series = find_series(Path(args.series_dir))
+    if len(series) != 1:
+        print(f"{args.series_dir} must hold exactly one series; found {len(series)}"
+              + "".join(f"\n  {uid} ({len(p)} files)" for uid, p in series.items()), file=sys.stderr)
+        return EXIT_FAILURE
+    [(uid, paths)] = series.items()
+    if args.sequence:
+        label, reason = Label(args.sequence), "--sequence given"
+    else:
+        result = classify(header_from_dataset(dcmread(paths[0], stop_before_pixels=True), len(paths)),
+                          compile_rules(settings.classify.overrides()))
+        label, reason = result.label, result.reason
+    if label is Label.NONE:
+        print(f"series {uid} is not a t1c/t2/flair series ({reason}); use --sequence to override", file=sys.stderr)
+        return EXIT_FAILURE
+    model = Segmenter.load(settings.models.dir / str(getattr(settings.models, label.value)),
+                           device=settings.models.device)
+    contour = contour_series(read_datasets(paths), label, model, settings.rtstruct)
+    if contour.dataset is None:
+        print(f"no tumour found in series {uid} ({label.value}); nothing written")
+        return EXIT_OK
+    save_rtstruct(contour.dataset, Path(args.out))
+    ml = contour.voxels * float(np.prod(contour.volume.spacing)) / 1000.0
+    print(f"{args.out}: {label.value} ({reason}); {ml:.1f} ml contoured by {model.name} {model.version}. "
+          "AI-generated, UNAPPROVED: review before clinical use.")
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from dmg_node.demo import format_rows, run_demo
+
+    settings = _settings(args)
+    print("dmg-node demo: phantom study -> node -> TPS stand-in (synthetic data, demo weights)", file=sys.stderr)
+    rows = run_demo(settings, seed=args.seed, keep=Path(args.keep) if args.keep else None)
+    print(format_rows(rows))
+    if not rows:
+        print("no RTSTRUCT reached the TPS stand-in (see the log above)", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dmg-node", description=(
         "DICOM node that auto-contours diffuse midline glioma on MR. Research use: every contour is "
@@ -187,6 +272,41 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("path")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_classify)
+    s = sub.add_parser("phantom", help="write synthetic DMG phantom studies (DICOM and/or NIfTI)")
+    s.add_argument("out")
+    s.add_argument("--n", type=int, default=1, help="number of cases")
+    s.add_argument("--seed", type=int, default=0, help="case i uses seed + i")
+    s.add_argument("--format", default="dicom,nifti", help="dicom, nifti or both (comma-separated)")
+    s.add_argument("--geometry", choices=("clinical", "small"), default="clinical")
+    s.add_argument("--rtstruct", action="store_true", help="also write a reference RTSTRUCT per series")
+    s.set_defaults(func=cmd_phantom)
+    s = sub.add_parser("train", help="train a generator for one sequence")
+    s.add_argument("--sequence", choices=("t1c", "t2", "flair"), required=True)
+    s.add_argument("--data", required=True, help="NIfTI case folders, or DICOM series with reference RTSTRUCTs")
+    s.add_argument("--out", required=True, help="model folder, e.g. models/my-t2")
+    s.add_argument("--epochs", type=int, default=40)
+    s.add_argument("--steps-per-epoch", type=int, default=40)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--no-adversarial", action="store_true", help="train the plain generator (no GAN term)")
+    s.add_argument("--adv-weight", type=float, default=0.05)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
+    s.set_defaults(func=cmd_train)
+    s = sub.add_parser("evaluate", help="Dice, HD95 and volume error of a model on labelled cases")
+    s.add_argument("--model", required=True)
+    s.add_argument("--data", required=True)
+    s.add_argument("--report", help="report folder (default: MODEL/evaluation)")
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=cmd_evaluate)
+    s = with_config(sub.add_parser("segment", help="classify, segment and write an RTSTRUCT for one series, offline"))
+    s.add_argument("series_dir")
+    s.add_argument("--out", required=True, help="RTSTRUCT file to write")
+    s.add_argument("--sequence", choices=("t1c", "t2", "flair"), help="override the classification")
+    s.set_defaults(func=cmd_segment)
+    s = with_config(sub.add_parser("demo", help="run the whole loop on a phantom study and report the Dice"))
+    s.add_argument("--seed", type=int, default=4242)
+    s.add_argument("--keep", help="keep the demo's files in this folder")
+    s.set_defaults(func=cmd_demo)
     return p
 
 

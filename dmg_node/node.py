@@ -7,6 +7,7 @@ processes complete studies and one outbox worker per destination sends the resul
 
 from __future__ import annotations
 
+import datetime
 import io
 import json
 import os
@@ -18,13 +19,13 @@ from typing import Any, Protocol
 
 import numpy as np
 import structlog
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from pydicom.uid import generate_uid
 
 from dmg_node import __version__
 from dmg_node.assemble import LatePolicy, due_studies
 from dmg_node.classify import Choice, Label, classify, choose, compile_rules, header_from_dataset
-from dmg_node.config import Settings
+from dmg_node.config import RtStructSettings, Settings
 from dmg_node.dicomfiles import read_datasets
 from dmg_node.errors import DmgNodeError, ModelError, RtStructError, SeriesError
 from dmg_node.fsutil import atomic_write
@@ -113,43 +114,65 @@ class Pipeline:
             return None
         try:
             datasets = read_datasets(paths)
-            volume = build_volume(datasets)
+            result = contour_series(datasets, label, model, self.settings.rtstruct)
         except SeriesError as exc:
             self.spool.set_series_result(series_uid, label.value, f"rejected: {exc}")
             log.warning("series_rejected", label=label.value, series_uid=series_uid, reason=str(exc))
             return None
-        t0 = time.perf_counter()
-        mask = model.predict(volume)
-        voxels = int(np.count_nonzero(mask))
-        log.info("series_segmented", label=label.value, series_uid=series_uid, model=model.name,
-                 model_version=model.version, voxels=voxels, duration_ms=round((time.perf_counter() - t0) * 1000))
-        rt = self.settings.rtstruct
-        if voxels == 0 and not rt.send_empty:
-            log.info("no_tumour_found", label=label.value, series_uid=series_uid)
+        if result.dataset is None:
             return None
-        meta = RtStructMeta(sop_instance_uid=generate_uid(prefix=None), series_instance_uid=generate_uid(prefix=None),
-                            created=_now_local())
-        roi = RoiSpec(name=rt.roi_name(label.value), color=(rt.color[0], rt.color[1], rt.color[2]),
-                      generation_description=f"{model.name} {model.version} (dmg-node {__version__})"[:64])
-        try:
-            ds = build_rtstruct(datasets, volume, mask.astype(bool), roi, meta)
-        except RtStructError as exc:
-            log.error("rtstruct_failed", label=label.value, series_uid=series_uid, error=str(exc))
-            raise
         buf = io.BytesIO()
-        ds.save_as(buf, enforce_file_format=True)
+        result.dataset.save_as(buf, enforce_file_format=True)
         dests = [d.name for d in self.settings.destinations]
-        path = self.spool.add_outbox(job.id, job.study_instance_uid, series_uid, meta.sop_instance_uid,
-                                     buf.getvalue(), dests, time.time())
-        log.info("rtstruct_written", label=label.value, series_uid=series_uid, sop_uid=meta.sop_instance_uid,
-                 path=str(path), destinations=dests)
-        return SeriesOutput(label, series_uid, meta.sop_instance_uid, voxels)
+        sop_uid = str(result.dataset.SOPInstanceUID)
+        path = self.spool.add_outbox(job.id, job.study_instance_uid, series_uid, sop_uid, buf.getvalue(), dests,
+                                     time.time())
+        log.info("rtstruct_written", label=label.value, series_uid=series_uid, sop_uid=sop_uid, path=str(path),
+                 destinations=dests)
+        return SeriesOutput(label, series_uid, sop_uid, result.voxels)
 
 
-def _now_local() -> Any:
-    import datetime
+@dataclass(frozen=True)
+class Contour:
+    """The outcome of segmenting one series: the RTSTRUCT (None when nothing is to be sent)."""
 
-    return datetime.datetime.now().astimezone()
+    dataset: Dataset | None
+    voxels: int
+    volume: Volume
+    mask: np.ndarray[Any, Any]
+
+
+def contour_series(datasets: list[Dataset], label: Label, model: SegmenterLike, rt: RtStructSettings) -> Contour:
+    """Series datasets -> volume -> model mask -> RTSTRUCT (the segment and rtstruct stages).
+
+    Raises
+    ------
+    SeriesError
+        The datasets do not make one volume.
+    RtStructError
+        The RTSTRUCT cannot be built.
+    """
+    volume = build_volume(datasets)
+    series_uid = volume.series_instance_uid
+    t0 = time.perf_counter()
+    mask = model.predict(volume).astype(bool)
+    voxels = int(np.count_nonzero(mask))
+    log.info("series_segmented", label=label.value, series_uid=series_uid, model=model.name,
+             model_version=model.version, voxels=voxels, duration_ms=round((time.perf_counter() - t0) * 1000))
+    if voxels == 0:
+        log.info("no_tumour_found", label=label.value, series_uid=series_uid, send_empty=rt.send_empty)
+        if not rt.send_empty:
+            return Contour(None, 0, volume, mask)
+    meta = RtStructMeta(sop_instance_uid=generate_uid(prefix=None), series_instance_uid=generate_uid(prefix=None),
+                        created=datetime.datetime.now().astimezone())
+    roi = RoiSpec(name=rt.roi_name(label.value), color=(rt.color[0], rt.color[1], rt.color[2]),
+                  generation_description=f"{model.name} {model.version} (dmg-node {__version__})"[:64])
+    try:
+        ds = build_rtstruct(datasets, volume, mask, roi, meta, allow_empty=rt.send_empty)
+    except RtStructError as exc:
+        log.error("rtstruct_failed", label=label.value, series_uid=series_uid, error=str(exc))
+        raise
+    return Contour(ds, voxels, volume, mask)
 
 
 class Node:

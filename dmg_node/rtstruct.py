@@ -90,7 +90,8 @@ class RtStructMeta:
 
 
 def build_rtstruct(
-    source: Sequence[Dataset], volume: Volume, mask: npt.NDArray[np.bool_], roi: RoiSpec, meta: RtStructMeta
+    source: Sequence[Dataset], volume: Volume, mask: npt.NDArray[np.bool_], roi: RoiSpec, meta: RtStructMeta,
+    *, allow_empty: bool = False,
 ) -> Dataset:
     """Build an RT Structure Set (PS3.3 A.19) holding *mask* as one closed-planar ROI.
 
@@ -108,6 +109,9 @@ def build_rtstruct(
         AUTOMATIC, PS3.3 C.8.8.5).
     meta
         UIDs, creation time and labels of the new instance (no UID or clock is read here).
+    allow_empty
+        Accept an empty mask and write the ROI with no contour (``rtstruct.send_empty``), so the
+        planner sees that the model ran and found nothing.
 
     Returns
     -------
@@ -117,11 +121,11 @@ def build_rtstruct(
     Raises
     ------
     RtStructError
-        If the mask is empty, has the wrong shape or type, or *source* does not match *volume*.
+        If the mask is empty (and not *allow_empty*), has the wrong shape or type, or *source* does not match *volume*.
     """
     if mask.shape != volume.array.shape or mask.dtype != np.bool_:
         raise RtStructError(f"mask must be bool of shape {volume.array.shape}; found {mask.dtype} {mask.shape}")
-    if not mask.any():
+    if not mask.any() and not allow_empty:
         raise RtStructError("mask is empty")
     if any(not 0 <= c <= 255 for c in roi.color) or len(roi.color) != 3:
         raise RtStructError(f"ROI colour must be three values in 0..255; found {roi.color}")
@@ -138,7 +142,9 @@ def build_rtstruct(
 
     roi_contour = Dataset()
     roi_contour.ROIDisplayColor = list(roi.color)
-    roi_contour.ContourSequence = _contour_sequence(mask, volume, by_uid)
+    contours = _contour_sequence(mask, volume, by_uid)
+    if contours:  # Contour Sequence is Type 3: omitted, not empty, when nothing was found
+        roi_contour.ContourSequence = contours
     roi_contour.ReferencedROINumber = 1
     ds.ROIContourSequence.append(roi_contour)
 
@@ -152,7 +158,7 @@ def build_rtstruct(
     charset = _character_set(ds, by_uid[volume.sop_instance_uids[0]])
     if charset is not None:
         ds.SpecificCharacterSet = charset
-    log.info("rtstruct_built", sop_uid=meta.sop_instance_uid, contours=len(roi_contour.ContourSequence),
+    log.info("rtstruct_built", sop_uid=meta.sop_instance_uid, contours=len(contours),
              voxels=int(np.count_nonzero(mask)))
     return ds
 

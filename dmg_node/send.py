@@ -11,7 +11,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,26 +72,48 @@ def echo(dest: Destination, calling_aet: str, timeout: float = 10.0) -> SendResu
 
 
 def store_file(path: Path, dest: Destination, calling_aet: str, timeout: float = 30.0) -> SendResult:
-    """C-STORE one Part 10 file to *dest* in an uncompressed transfer syntax.
+    """C-STORE one Part 10 file to *dest* (see :func:`store_files`)."""
+    return store_files([path], dest, calling_aet, timeout)[0]
 
-    Only explicit and implicit VR little endian are proposed (pynetdicom would add Deflated, which
-    some readers cannot decode).
+
+def store_files(paths: Sequence[Path], dest: Destination, calling_aet: str, timeout: float = 30.0) -> list[SendResult]:
+    """C-STORE Part 10 files to *dest* in one association, uncompressed (PS3.4 B.2).
+
+    Implicit VR Little Endian is proposed first (it encodes RTSTRUCT contours of any length), then
+    Explicit VR Little Endian; pynetdicom would add Deflated, which some readers cannot decode.
+    Returns one result per path, in order.
     """
-    try:
-        ds = dcmread(path)
-    except (OSError, ValueError) as exc:
-        return SendResult(False, "unreadable", f"{path.name}: {exc}")
+    datasets: list[Any] = []
+    results: list[SendResult | None] = []
+    for path in paths:
+        try:
+            datasets.append(dcmread(path))
+            results.append(None)
+        except (OSError, ValueError) as exc:
+            datasets.append(None)
+            results.append(SendResult(False, "unreadable", f"{path.name}: {exc}"))
+    classes = sorted({str(ds.SOPClassUID) for ds in datasets if ds is not None})
+    if not classes:
+        return [r or SendResult(False, "unreadable") for r in results]
     ae = _scu(calling_aet, timeout)
-    ae.add_requested_context(ds.SOPClassUID, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    for uid in classes:
+        ae.add_requested_context(uid, [ImplicitVRLittleEndian, ExplicitVRLittleEndian])
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
     if not assoc.is_established:
-        return SendResult(False, "no-association", _assoc_failure(assoc))
+        failure = SendResult(False, "no-association", _assoc_failure(assoc))
+        return [r or failure for r in results]
     try:
-        rsp = assoc.send_c_store(ds)
+        for i, ds in enumerate(datasets):
+            if ds is None:
+                continue
+            if not assoc.is_established:
+                results[i] = SendResult(False, "no-association", "association lost during the send")
+                continue
+            results[i] = _result(assoc.send_c_store(ds))
     finally:
         if assoc.is_established:
             assoc.release()
-    return _result(rsp)
+    return [r or SendResult(False, "not-sent") for r in results]
 
 
 def _assoc_failure(assoc: Any) -> str:

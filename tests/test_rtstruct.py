@@ -421,6 +421,18 @@ def test_empty_mask_raises() -> None:
         build_rtstruct(series, volume, np.zeros(volume.array.shape, dtype=bool), ROI, META)
 
 
+def test_empty_mask_allowed_writes_roi_without_contours(tmp_path: Path) -> None:
+    """With allow_empty the ROI is written with no Contour Sequence, and the file passes dciodvfy."""
+    series = make_series(GEOMETRIES["axial"])
+    volume = build_volume(series)
+    ds = build_rtstruct(series, volume, np.zeros(volume.array.shape, dtype=bool), ROI, META, allow_empty=True)
+    assert "ContourSequence" not in ds.ROIContourSequence[0]
+    assert ds.RTROIObservationsSequence[0].RTROIInterpretedType == "GTV"
+    path = tmp_path / "empty.dcm"
+    save_rtstruct(ds, path)
+    dciodvfy(path)
+
+
 def test_mask_of_wrong_shape_or_type_raises() -> None:
     """A mask that is not bool on the volume's grid is refused with the shape found."""
     series = make_series(GEOMETRIES["axial"])

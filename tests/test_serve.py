@@ -119,3 +119,27 @@ def test_restart_keeps_waiting_study(tmp_path: Path) -> None:
         node2.wait_event("job_done", timeout=60)
         time.sleep(1.0)
     assert sum(e["event"] == "study_complete" for e in node2.events()) == 1
+
+
+@pytest.mark.parametrize("policy", ["reprocess", "ignore"])
+def test_late_arrival_policy(tmp_path: Path, policy: str) -> None:
+    """An instance arriving after its study was processed re-opens it (reprocess) or is only stored (ignore)."""
+    paths = write_series(tmp_path / "all", 4)
+    (tmp_path / "first").mkdir()
+    (tmp_path / "late").mkdir()
+    for p in paths[:3]:
+        p.rename(tmp_path / "first" / p.name)
+    paths[3].rename(tmp_path / "late" / paths[3].name)
+    with running_node(tmp_path, assembly={"quiet_seconds": 1.5, "late_policy": policy}) as node:
+        assert _storescu(node.port, tmp_path / "first").returncode == 0
+        node.wait_event("job_done", timeout=60)
+        assert _storescu(node.port, tmp_path / "late").returncode == 0
+        node.wait_event("late_instance", late_policy=policy)
+        if policy == "reprocess":
+            node.wait_event("study_complete", reprocess=True, timeout=30)
+            node.wait_event("job_done", job_id=2, timeout=60)
+        else:
+            time.sleep(4)
+    completes = [e for e in node.events() if e["event"] == "study_complete"]
+    assert len(completes) == (2 if policy == "reprocess" else 1)
+    assert len(list((tmp_path / "spool" / "studies").rglob("*.dcm"))) == 4

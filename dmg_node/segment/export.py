@@ -10,12 +10,15 @@ import io
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from dmg_node.errors import ModelError
-from dmg_node.fsutil import atomic_write
+from dmg_node.fsutil import atomic_write, ensure_dir
+from dmg_node.segment.manifest import ONNX_WEIGHTS, TORCH_WEIGHTS, Manifest, sha256_file, write_manifest
 from dmg_node.segment.network import Generator, GeneratorConfig
+from dmg_node.segment.preprocess import PreprocessConfig
 
 ONNX_OPSET = 17
 INPUT_NAME = "image"
@@ -75,3 +78,38 @@ def export_onnx(generator: Generator, path: Path) -> None:
         data = scratch.read_bytes()
     generator.train(was_training)
     atomic_write(path, data)
+
+
+def save_model(
+    model_dir: Path,
+    generator: Generator,
+    *,
+    sequence: str,
+    preprocess: PreprocessConfig,
+    patch_size: tuple[int, int, int],
+    version: str,
+    intended_use: str,
+    training: dict[str, Any] | None = None,
+    metrics: dict[str, float] | None = None,
+) -> Manifest:
+    """Write a complete model folder: torch weights, ONNX graph, then the manifest with hashes.
+
+    The manifest is written last, so a folder whose manifest exists has all its weights.
+    """
+    ensure_dir(model_dir)
+    save_generator(generator, model_dir / TORCH_WEIGHTS)
+    export_onnx(generator, model_dir / ONNX_WEIGHTS)
+    manifest = Manifest(
+        name=model_dir.name,
+        sequence=sequence,
+        version=version,
+        generator=generator.config,
+        preprocess=preprocess,
+        patch_size=patch_size,
+        sha256={name: sha256_file(model_dir / name) for name in (TORCH_WEIGHTS, ONNX_WEIGHTS)},
+        training=training or {},
+        metrics=metrics or {},
+        intended_use=intended_use,
+    )
+    write_manifest(model_dir, manifest)
+    return manifest

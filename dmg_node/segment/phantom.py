@@ -37,11 +37,12 @@ import numpy.typing as npt
 import structlog
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import dcmwrite
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
+from pydicom.uid import UID, ExplicitVRLittleEndian, MRImageStorage
 from pydicom.valuerep import format_number_as_ds
 from scipy import ndimage
 
 import dmg_node
+from dmg_node.segment.data import LABEL_SUFFIX, NIFTI_SUFFIX
 
 log = structlog.get_logger(__name__)
 
@@ -50,7 +51,6 @@ F64 = npt.NDArray[np.float64]
 Geometry = Literal["clinical", "small"]
 
 SEQUENCES = ("t1c", "t2", "flair")
-NIFTI_SUFFIX = {"t1c": "t1c", "t2": "t2w", "flair": "t2f"}
 FORMATS = frozenset({"dicom", "nifti"})
 MANUFACTURER = "dmg-node phantom"
 MAX_STORED = 4095  # BitsStored 12
@@ -210,7 +210,7 @@ def _templates() -> tuple[F32, F32, F32, F64]:
     arrays = []
     origin = np.zeros(3)
     for load in (datasets.load_mni152_template, datasets.load_mni152_gm_template, datasets.load_mni152_wm_template):
-        img = nib.as_closest_canonical(load(resolution=1))  # RAS+, diagonal 1 mm
+        img = nib.as_closest_canonical(load(resolution=1))  # type: ignore[no-untyped-call]  # RAS+, 1 mm
         data = np.asarray(img.get_fdata(dtype=np.float32))
         # (x, y, z) RAS -> (z, y, x) with x and y reversed: index order of an axial LPS volume.
         arrays.append(np.ascontiguousarray(data.transpose(2, 1, 0)[:, ::-1, ::-1]))
@@ -341,7 +341,7 @@ def make_case(seed: int, *, resolution_mm: float = 1.0, crop: bool = True) -> Ph
     affine = np.diag([r, r, r, 1.0])
     affine[:3, 3] = lo
 
-    coords, coarse, step = _sampling_coords(rng, anat, shape, lo, r, c0, np.linalg.inv(pose))
+    coords, coarse, step = _sampling_coords(rng, anat, shape, lo, r, c0, np.linalg.inv(pose).astype(np.float64))
     centre_idx = (tumour_centre - lo)[::-1] / r
     radius = (3.0 * volume_ml * 1000.0 / (4.0 * math.pi)) ** (1.0 / 3.0)
     _mass_effect(coords, coarse, step, centre_idx, r, rng.uniform(0.5, 0.8) * radius)
@@ -669,16 +669,20 @@ def write_nifti_case(case: PhantomCase, out_dir: Path) -> Path:
     folder = out_dir / case.case_id
     folder.mkdir(parents=True, exist_ok=True)
     ras = RAS_TO_LPS @ case.affine
-    volumes: dict[str, npt.NDArray[np.generic]] = {NIFTI_SUFFIX[s]: case.images[s].astype(np.int16) for s in SEQUENCES}
-    volumes["seg"] = case.label
-    for suffix, array in volumes.items():
-        img = nib.Nifti1Image(np.ascontiguousarray(array.transpose(2, 1, 0)), ras)  # NIfTI data is (i, j, k)
-        img.set_qform(ras, code=1)
-        img.set_sform(ras, code=1)
-        img.header.set_xyzt_units("mm", "sec")
-        nib.save(img, folder / f"{case.case_id}-{suffix}.nii.gz")
+    for seq in SEQUENCES:
+        _save_nifti(case.images[seq].astype(np.int16), ras, folder / f"{case.case_id}-{NIFTI_SUFFIX[seq]}.nii.gz")
+    _save_nifti(case.label, ras, folder / f"{case.case_id}-{LABEL_SUFFIX}.nii.gz")
     log.info("phantom_nifti_written", case_id=case.case_id, folder=str(folder))
     return folder
+
+
+def _save_nifti(array: npt.NDArray[np.generic], ras: F64, path: Path) -> None:
+    """Save a (k, j, i) array as NIfTI-1, whose data is (i, j, k), with *ras* as qform and sform."""
+    img = nib.Nifti1Image(np.ascontiguousarray(array.transpose(2, 1, 0)), ras)  # type: ignore[no-untyped-call]
+    img.set_qform(ras, code=1)  # type: ignore[no-untyped-call]
+    img.set_sform(ras, code=1)  # type: ignore[no-untyped-call]
+    img.header.set_xyzt_units("mm", "sec")  # type: ignore[no-untyped-call]
+    nib.save(img, path)
 
 
 # ------------------------------------------------------------------------------------- DICOM
@@ -988,7 +992,7 @@ def _datasets(study: _Study, acq: _Acquisition, number: int, series_uid: str,
         ds.PixelData = pixels[k].tobytes()
         ds.file_meta = FileMetaDataset()
         ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
-        ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+        ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_uid)
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         out.append(ds)
     return out

@@ -35,17 +35,9 @@ from tqdm import tqdm
 from dmg_node.errors import ModelError
 from dmg_node.fsutil import atomic_write, ensure_dir
 from dmg_node.segment.data import DEFAULT_ROI_PATTERN, CaseSource, find_cases
-from dmg_node.segment.export import export_onnx, save_generator
+from dmg_node.segment.export import save_model
 from dmg_node.segment.infer import resolve_device, sliding_window_probability, torch_predictor
-from dmg_node.segment.manifest import (
-    ONNX_WEIGHTS,
-    RESEARCH_USE,
-    SEQUENCES,
-    TORCH_WEIGHTS,
-    Manifest,
-    sha256_file,
-    write_manifest,
-)
+from dmg_node.segment.manifest import RESEARCH_USE, SEQUENCES, Manifest
 from dmg_node.segment.network import Discriminator, Generator, GeneratorConfig, count_parameters
 from dmg_node.segment.preprocess import PreprocessConfig, prepare
 
@@ -412,18 +404,15 @@ def train(
         raise ModelError(f"training must run at least one epoch; time_limit_s={time_limit_s} allowed none")
     final = Generator(settings.generator)
     final.load_state_dict(state["best"])
-    ensure_dir(out_dir)
-    save_generator(final, out_dir / TORCH_WEIGHTS)
-    export_onnx(final, out_dir / ONNX_WEIGHTS)
     metrics = {"val_dice": state["best_dice"]} if val_cases else {}
-    manifest = Manifest(
-        name=out_dir.name,
+    manifest = save_model(
+        out_dir,
+        final,
         sequence=sequence,
-        version=version,
-        generator=settings.generator,
         preprocess=settings.preprocess,
         patch_size=patch_size,
-        sha256={name: sha256_file(out_dir / name) for name in (TORCH_WEIGHTS, ONNX_WEIGHTS)},
+        version=version,
+        intended_use=intended_use,
         training={
             "data": data_description or str(data_dir),
             "train_cases": [c.case_id for c in train_cases],
@@ -436,8 +425,6 @@ def train(
             "seconds": round(time.monotonic() - started, 1),
         },
         metrics=metrics,
-        intended_use=intended_use,
     )
-    write_manifest(out_dir, manifest)
     log.info("training_finished", sequence=sequence, out_dir=str(out_dir), best_epoch=state["best_epoch"], **metrics)
     return manifest
