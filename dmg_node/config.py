@@ -45,6 +45,7 @@ class StorageSettings:
     duplicate_policy: str = "replace"
     min_free_mb: int = 1024
     fsync: bool = True
+    retention_days: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,19 @@ class ClassifySettings:
 
 
 @dataclass(frozen=True)
+class ImportSettings:
+    """The drop folder (TOML table ``[import]``): DICOM files copied in by hand or from media."""
+
+    dir: str = ""
+    settle_seconds: float = 2.0
+    poll_seconds: float = 5.0
+
+    @property
+    def path(self) -> Path | None:
+        return Path(self.dir) if self.dir else None
+
+
+@dataclass(frozen=True)
 class LoggingSettings:
     level: str = "info"
     format: str = "json"
@@ -132,6 +146,7 @@ class Settings:
     outbox: OutboxSettings = field(default_factory=OutboxSettings)
     rtstruct: RtStructSettings = field(default_factory=RtStructSettings)
     classify: ClassifySettings = field(default_factory=ClassifySettings)
+    import_: ImportSettings = field(default_factory=ImportSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     source: Path | None = None
 
@@ -175,7 +190,12 @@ _RANGES: dict[str, tuple[float, float]] = {
     "outbox.poll_seconds": (0.01, 3600),
     "rtstruct.color": (0, 255),
     "rtstruct.min_volume_mm3": (0, 10**7),
+    "storage.retention_days": (0, 36500),
+    "import.settle_seconds": (0, 3600),
+    "import.poll_seconds": (0.05, 3600),
 }
+# Field names whose TOML key is a Python keyword.
+_TOML_KEYS = {"import_": "import"}
 _AE_KEYS = {"node.ae_title", "destinations.ae_title", "access.allowed_calling_aets"}
 
 
@@ -224,7 +244,7 @@ def _build(cls: type[Any], raw: Any, prefix: str, where: str, skip: set[str] | N
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: [{prefix.rstrip('.')}] must be a table, found {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in (skip or set())}
+    fields = {_TOML_KEYS.get(f.name, f.name): f for f in dataclasses.fields(cls) if f.name not in (skip or set())}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         key = prefix + unknown[0]
@@ -236,7 +256,7 @@ def _build(cls: type[Any], raw: Any, prefix: str, where: str, skip: set[str] | N
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise ConfigError(f"{where}: missing required key {key!r}")
             continue
-        kwargs[name] = _convert(hints[name], raw[name], key, where)
+        kwargs[f.name] = _convert(hints[f.name], raw[name], key, where)
     return cls(**kwargs)
 
 

@@ -7,6 +7,7 @@ processes complete studies and one outbox worker per destination sends the resul
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import io
 import json
@@ -23,17 +24,20 @@ from pydicom import Dataset, dcmread
 from pydicom.uid import generate_uid
 
 from dmg_node import __version__
+from dmg_node import dropfolder, logs
 from dmg_node.assemble import LatePolicy, due_studies
 from dmg_node.classify import Choice, Label, classify, choose, compile_rules, header_from_dataset
+from dmg_node import config as config_mod
 from dmg_node.config import RtStructSettings, Settings
 from dmg_node.dicomfiles import read_datasets
-from dmg_node.errors import DmgNodeError, ModelError, RtStructError, SeriesError
+from dmg_node.errors import ConfigError, DmgNodeError, ModelError, RtStructError, SeriesError
 from dmg_node.fsutil import atomic_write
 from dmg_node.receive import Receiver
 from dmg_node.rtstruct import RoiSpec, RtStructMeta, build_rtstruct
 from dmg_node.send import OutboxWorker
 from dmg_node.spool import Job, JobState, Spool
 from dmg_node.volume import Volume, build_volume
+from dmg_node.watch import Watcher
 
 log = structlog.get_logger(__name__)
 
@@ -41,10 +45,14 @@ STATUS_FILE = "node-status.json"
 
 
 class SegmenterLike(Protocol):
-    name: str
-    version: str
-    sequence: str
-    device: Any
+    @property
+    def name(self) -> str: ...
+    @property
+    def version(self) -> str: ...
+    @property
+    def sequence(self) -> str: ...
+    @property
+    def device(self) -> Any: ...
 
     def predict(self, volume: Volume) -> np.ndarray[Any, Any]: ...
 
@@ -59,21 +67,41 @@ class SeriesOutput:
     voxels: int
 
 
-def load_models(settings: Settings) -> dict[Label, SegmenterLike]:
-    """Load the model configured for each sequence; a missing or invalid one is logged and skipped."""
+ROUTED = (Label.T1C, Label.T2, Label.FLAIR)
+SETTLE_SECONDS = 2.0
+FALLBACK_POLL_SECONDS = 30.0
+RETENTION_EVERY_SECONDS = 3600.0
+
+
+def model_dir(settings: Settings, label: Label) -> Path:
+    return settings.models.dir / str(getattr(settings.models, label.value))
+
+
+def folder_signature(folder: Path) -> tuple[tuple[str, int, int], ...]:
+    """Names, sizes and mtimes of a folder's files: changes whenever a model is being replaced."""
+    try:
+        return tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file()))
+    except OSError:
+        return ()
+
+
+def load_model(settings: Settings, label: Label) -> SegmenterLike | None:
+    """Load one sequence's model; a missing or invalid one is logged and None returned."""
     from dmg_node.segment.infer import Segmenter  # torch import is slow: only when serving
 
-    models: dict[Label, SegmenterLike] = {}
-    for label in (Label.T1C, Label.T2, Label.FLAIR):
-        folder = settings.models.dir / str(getattr(settings.models, label.value))
-        try:
-            models[label] = Segmenter.load(folder, device=settings.models.device)
-        except ModelError as exc:
-            log.error("model_unavailable", sequence=label.value, model_dir=str(folder), error=str(exc))
-            continue
-        m = models[label]
-        log.info("model_loaded", sequence=label.value, model=m.name, version=m.version, device=str(m.device))
-    return models
+    folder = model_dir(settings, label)
+    try:
+        model: SegmenterLike = Segmenter.load(folder, device=settings.models.device)
+    except ModelError as exc:
+        log.error("model_unavailable", sequence=label.value, model_dir=str(folder), error=str(exc))
+        return None
+    log.info("model_loaded", sequence=label.value, model=model.name, version=model.version, device=str(model.device))
+    return model
+
+
+def load_models(settings: Settings) -> dict[Label, SegmenterLike]:
+    """Load the model configured for each sequence; a missing or invalid one is logged and skipped."""
+    return {label: m for label in ROUTED if (m := load_model(settings, label)) is not None}
 
 
 class Pipeline:
@@ -185,25 +213,30 @@ class Node:
         self._stop = threading.Event()
         self._job_wake = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._outbox: list[OutboxWorker] = []
-        self._models = models
+        self._outbox: dict[str, tuple[OutboxWorker, threading.Event]] = {}
+        self._fixed_models = models is not None
+        self._models: dict[Label, SegmenterLike] = dict(models or {})
+        self._model_sigs: dict[Label, tuple[tuple[str, int, int], ...]] = {}
+        self._config_text = self._read_config_text()
+        self._watcher: Watcher | None = None
         self.started = time.time()
 
     def start(self) -> None:
         counts = self.spool.reconcile()
         log.info("spool_reconciled", root=str(self.spool.root), **counts)
-        if self._models is None:
-            self._models = load_models(self.settings)
+        if not self._fixed_models:
+            for label in ROUTED:
+                self._model_sigs[label] = folder_signature(model_dir(self.settings, label))
+            self._models.update(load_models(self.settings))
         self.pipeline = Pipeline(self.settings, self.spool, self._models)
         self.receiver.start()
-        for target, name in ((self._assemble_loop, "assembler"), (self._job_loop, "jobs")):
+        self._start_watcher()
+        for target, name in ((self._assemble_loop, "assembler"), (self._job_loop, "jobs"),
+                             (self._maintain_loop, "maintenance")):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
-        for dest in self.settings.destinations:
-            w = OutboxWorker(self.spool, dest, self.settings.node.ae_title, self.settings.outbox, self._stop)
-            w.start()
-            self._outbox.append(w)
+        self._sync_outbox_workers()
         self._write_status()
         log.info("node_started", version=__version__, ae_title=self.settings.node.ae_title, port=self.receiver.port,
                  destinations=[d.name for d in self.settings.destinations],
@@ -222,17 +255,22 @@ class Node:
         self._stop.set()
         self.receiver.stop(grace_seconds)
         self._job_wake.set()
-        for t in [*self._threads, *self._outbox]:
+        if self._watcher is not None:
+            self._watcher.stop()
+        workers = [w for w, _ in self._outbox.values()]
+        for _w, stop in self._outbox.values():
+            stop.set()
+        for t in [*self._threads, *workers]:
             t.join(timeout=grace_seconds)
-        busy = [t.name for t in (*self._threads, *self._outbox) if t.is_alive()]
+        busy = [t.name for t in (*self._threads, *workers) if t.is_alive()]
         self.spool.close() if not busy else None
         log.info("node_stopped", unfinished_workers=busy)
 
     # -- workers -------------------------------------------------------------------------------
 
     def _assemble_loop(self) -> None:
-        a = self.settings.assembly
         while not self._stop.is_set():
+            a = self.settings.assembly
             for d in due_studies(self.spool.studies(), time.time(), a.quiet_seconds, LatePolicy(a.late_policy)):
                 job_id = self.spool.enqueue(d.study_instance_uid, d.covered_until, time.time())
                 log.info("study_complete", study_uid=d.study_instance_uid, job_id=job_id, reprocess=d.late,
@@ -264,10 +302,130 @@ class Node:
         else:
             self.spool.finish_job(job.id, JobState.DONE, time.time())
             log.info("job_done", rtstructs=len(outputs), duration_ms=round((time.perf_counter() - t0) * 1000))
-            for w in self._outbox:
+            for w, _stop in self._outbox.values():
                 w.wake.set()
         finally:
             structlog.contextvars.unbind_contextvars("job_id", "study_uid")
+
+    # -- live changes: models, config, drop folder, retention ------------------------------------
+
+    def _start_watcher(self) -> None:
+        targets = [("models", self.settings.models.dir)]
+        if self.settings.source is not None:
+            targets.append(("config", self.settings.source))
+        drop = self.settings.import_.path
+        if drop is not None:
+            drop.mkdir(parents=True, exist_ok=True)
+            targets.append(("import", drop))
+        self._watcher = Watcher(targets)
+        self._watcher.start()
+
+    def _maintain_loop(self) -> None:
+        last_poll = last_import = last_retention = 0.0
+        while not self._stop.is_set():
+            assert self._watcher is not None  # started before this thread
+            self._watcher.wake.wait(1.0)
+            changed = self._watcher.take()
+            now = time.time()
+            if now - last_poll >= FALLBACK_POLL_SECONDS:
+                changed |= {"models", "config"}
+                last_poll = now
+            try:
+                if "config" in changed:
+                    self._maybe_reload_config()
+                if not self._fixed_models:
+                    self._maybe_reload_models()
+                drop = self.settings.import_
+                if drop.path is not None and ("import" in changed or now - last_import >= drop.poll_seconds):
+                    dropfolder.scan(drop.path, self.spool, settle_seconds=drop.settle_seconds,
+                                    keep_first=self.settings.storage.duplicate_policy == "keep_first")
+                    last_import = now
+                days = self.settings.storage.retention_days
+                if days > 0 and now - last_retention >= RETENTION_EVERY_SECONDS:
+                    self._apply_retention(now, days)
+                    last_retention = now
+            except (DmgNodeError, OSError) as exc:
+                log.error("maintenance_failed", error=f"{type(exc).__name__}: {exc}")
+
+    def _maybe_reload_models(self) -> None:
+        """Load a new or replaced model once its folder is stable; the old one serves until then."""
+        for label in ROUTED:
+            folder = model_dir(self.settings, label)
+            sig = folder_signature(folder)
+            if sig == self._model_sigs.get(label) or not sig:
+                continue
+            newest = max(mtime for _name, _size, mtime in sig) / 1e9
+            if time.time() - newest < SETTLE_SECONDS:
+                continue  # still being copied: the next wake-up (or the fallback poll) looks again
+            self._model_sigs[label] = sig
+            model = load_model(self.settings, label)
+            if model is None:
+                log.warning("model_reload_failed", sequence=label.value, model_dir=str(folder),
+                            kept=getattr(self._models.get(label), "version", None))
+                continue
+            self._models[label] = model
+            log.info("model_reloaded", sequence=label.value, model=model.name, version=model.version)
+
+    def _read_config_text(self) -> str | None:
+        src = self.settings.source
+        try:
+            return src.read_text(encoding="utf-8") if src is not None else None
+        except OSError:
+            return None
+
+    def _maybe_reload_config(self) -> None:
+        text = self._read_config_text()
+        if text is None or text == self._config_text:
+            return
+        self._config_text = text
+        try:
+            new = config_mod.load(self.settings.source)
+        except ConfigError as exc:
+            log.error("config_reload_failed", error=str(exc), kept="previous settings")
+            return
+        self.apply_settings(new)
+
+    def apply_settings(self, new: Settings) -> None:
+        """Apply what can change live; log what needs a restart (and keep its old value)."""
+        old = self.settings
+        restart = [f"node.{k}" for k, v in vars(new.node).items() if getattr(old.node, k) != v]
+        restart += [f"storage.{k}" for k in ("root", "fsync") if getattr(old.storage, k) != getattr(new.storage, k)]
+        new = dataclasses.replace(new, node=old.node, storage=dataclasses.replace(
+            new.storage, root=old.storage.root, fsync=old.storage.fsync))
+        live = [f.name for f in dataclasses.fields(Settings) if getattr(old, f.name) != getattr(new, f.name)]
+        self.settings = new
+        self.receiver.apply(new)
+        self.pipeline.settings = new
+        self.pipeline.rules = compile_rules(new.classify.overrides())
+        if old.logging != new.logging:
+            logs.configure(new.logging.level, new.logging.format, new.logging.include_phi)
+        if old.destinations != new.destinations or old.outbox != new.outbox:
+            self._sync_outbox_workers(restart_all=old.outbox != new.outbox)
+        if old.models != new.models and not self._fixed_models:
+            self._model_sigs.clear()  # reload every sequence from the new folders
+        if restart:
+            log.warning("config_change_needs_restart", keys=restart)
+        if live:
+            log.info("config_reloaded", changed=live)
+
+    def _sync_outbox_workers(self, restart_all: bool = False) -> None:
+        wanted = {d.name: d for d in self.settings.destinations}
+        for name, (worker, stop) in list(self._outbox.items()):
+            if restart_all or wanted.get(name) != worker.dest:
+                stop.set()
+                worker.wake.set()
+                del self._outbox[name]
+        for name, dest in wanted.items():
+            if name not in self._outbox:
+                stop = threading.Event()
+                w = OutboxWorker(self.spool, dest, self.settings.node.ae_title, self.settings.outbox, stop)
+                w.start()
+                self._outbox[name] = (w, stop)
+
+    def _apply_retention(self, now: float, days: float) -> None:
+        for study_uid in self.spool.expired_studies(now, days):
+            removed = self.spool.delete_study(study_uid)
+            log.info("study_deleted_by_retention", study_uid=study_uid, files=removed, retention_days=days)
 
     def _write_status(self) -> None:
         """Publish live state for ``dmg-node status`` (a separate process reads it)."""

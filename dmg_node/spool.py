@@ -469,6 +469,42 @@ class Spool:
                 "last_error", "next_try_at", "sent_at")
         return [dict(zip(keys, r)) for r in rows]
 
+    # -- retention -----------------------------------------------------------------------------
+
+    def expired_studies(self, now: float, days: float) -> list[str]:
+        """Studies whose newest job is done, fully covered, and every RTSTRUCT of which was
+        acknowledged more than *days* ago. Anything unsent, failed, waiting or running is kept."""
+        cutoff = now - days * 86400
+        rows = self._query(
+            "SELECT s.study_instance_uid FROM studies s"
+            " JOIN jobs j ON j.id = (SELECT MAX(id) FROM jobs WHERE study_instance_uid = s.study_instance_uid)"
+            " WHERE j.state = 'done' AND j.updated_at < ? AND s.last_received_at <= s.covered_until"
+            " AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.study_instance_uid = s.study_instance_uid"
+            "                 AND (o.state != 'sent' OR o.sent_at >= ?))",
+            (cutoff, cutoff),
+        )
+        return [r[0] for r in rows]
+
+    def delete_study(self, study_uid: str) -> int:
+        """Delete a study's files and rows (instances, series, jobs, outbox); returns files removed."""
+        paths = [r[0] for r in self._query("SELECT path FROM instances WHERE study_instance_uid = ?", (study_uid,))]
+        paths += [r[0] for r in self._query("SELECT DISTINCT path FROM outbox WHERE study_instance_uid = ?",
+                                            (study_uid,))]
+        with self._tx() as db:
+            for table in ("instances", "series", "outbox", "jobs", "studies"):
+                db.execute(f"DELETE FROM {table} WHERE study_instance_uid = ?", (study_uid,))  # noqa: S608
+        removed = 0
+        keep = {self.root, self.root / "studies", self.root / "outbox"}
+        for rel in paths:
+            full = self.root / rel
+            if full.exists():
+                full.unlink()
+                removed += 1
+            for parent in (full.parent, full.parent.parent):
+                if parent not in keep and parent.is_dir() and not any(parent.iterdir()):
+                    parent.rmdir()
+        return removed
+
     # -- status --------------------------------------------------------------------------------
 
     def summary(self) -> list[dict[str, Any]]:

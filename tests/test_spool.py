@@ -128,3 +128,23 @@ def test_outbox_retry_and_sent(tmp_path: Path) -> None:
     # queuing the same RTSTRUCT again (a re-run job) does not duplicate rows
     sp.add_outbox(1, "1.2", "1.2.3", "1.2.9", b"RT", ["tps", "archive"], now=0.0)
     assert len(sp.outbox()) == 2
+
+
+def test_retention_keeps_anything_unsent(tmp_path: Path) -> None:
+    """Only studies processed and acknowledged more than N days ago are expired; delete removes their files."""
+    sp = Spool(tmp_path)
+    day = 86400.0
+    for study, sop in (("1.1", "1.1.1.1"), ("1.2", "1.2.1.1"), ("1.3", "1.3.1.1")):
+        sp.store(b"x", _rec(sop=sop, series=study + ".1", study=study, t=0.0))
+        jid = sp.enqueue(study, 0.0, 1.0)
+        sp.claim_job(1.0)
+        sp.finish_job(jid, JobState.DONE, 2.0)
+    sp.add_outbox(1, "1.1", "1.1.1", "9.1", b"RT", ["tps"], now=2.0)
+    [item] = sp.due_outbox(3.0, destination="tps")
+    sp.outbox_result(item.id, OutboxState.SENT, "0x0000", None, now=3.0, next_try_at=3.0)
+    sp.add_outbox(2, "1.2", "1.2.1", "9.2", b"RT", ["tps"], now=2.0)  # never acknowledged
+    assert sorted(sp.expired_studies(now=2.5 * day, days=2)) == ["1.1", "1.3"]
+    assert sp.expired_studies(now=1.0 * day, days=2) == []
+    assert sp.delete_study("1.1") == 2
+    assert sp.instance_count() == 2 and sp.series_files("1.1") == {}
+    assert (tmp_path / "outbox").is_dir() and not (tmp_path / "studies" / "1.1").exists()

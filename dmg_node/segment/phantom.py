@@ -1,7 +1,8 @@
 """Synthetic MR studies of a diffuse midline glioma (DMG) on real brain anatomy (phantoms).
 
-The anatomy is the ICBM152 2009a 1 mm T1 template with its grey/white-matter probability maps,
-shipped in nilearn's wheel (read offline). CSF is brain minus GM minus WM; the template is
+The anatomy is the ICBM152 2009a (symmetric) 1 mm T1 template with its grey/white-matter
+probability maps, shipped in nilearn's wheel (read offline). CSF is what the intracranial volume
+(the template's brain mask, closed and smoothed) holds beyond GM and WM. The template is
 skull-stripped, so skull, scalp, face, orbits, sinuses and neck are added as simple shapes so
 that a model has to find the tumour, not the brain. Each case (one integer seed) deforms the
 anatomy (pose, scale, smooth elastic field), grows an irregular tumour in the pons, medulla or
@@ -62,6 +63,8 @@ _UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:dmg-node:phantom")
 
 @dataclass(frozen=True)
 class _Site:
+    """Where a DMG of one kind grows and how big it is drawn."""
+
     centre_ras: tuple[float, float, float]  # MNI mm
     jitter_mm: tuple[float, float, float]  # uniform +- per axis
     volume_ml: tuple[float, float]  # log-uniform range
@@ -333,7 +336,6 @@ def make_case(seed: int, *, resolution_mm: float = 1.0, crop: bool = True) -> Ph
     pose = _rotation(rng.uniform(-8.0, 8.0), rng.uniform(-4.0, 4.0), rng.uniform(-4.0, 4.0)) @ np.diag(scale)
     c0 = anat.brain_centre
     site, site_tpl, volume_ml = _draw_site(rng)
-    tumour_centre = c0 + pose @ (site_tpl - c0)
 
     lo, hi = _forward_box(anat.head_box if crop else _template_box(anat), pose, c0, 5.0)
     lo, hi = np.floor(lo / r) * r, np.ceil(hi / r) * r
@@ -342,7 +344,7 @@ def make_case(seed: int, *, resolution_mm: float = 1.0, crop: bool = True) -> Ph
     affine[:3, 3] = lo
 
     coords, coarse, step = _sampling_coords(rng, anat, shape, lo, r, c0, np.linalg.inv(pose).astype(np.float64))
-    centre_idx = (tumour_centre - lo)[::-1] / r
+    centre_idx = _locate(anat, site_tpl, coarse, step, pose, lo, r)
     radius = (3.0 * volume_ml * 1000.0 / (4.0 * math.pi)) ** (1.0 / 3.0)
     _mass_effect(coords, coarse, step, centre_idx, r, rng.uniform(0.5, 0.8) * radius)
     face = _index_box(_forward_box(anat.face_box, pose, c0, 8.0), lo, r, shape)
@@ -448,6 +450,21 @@ def _sampling_coords(rng: np.random.Generator, anat: _Anatomy, shape: tuple[int,
     coarse = ((q - anat.origin) / anat.spacing)[..., ::-1].transpose(3, 0, 1, 2).astype(np.float32)
     coords = np.stack([_upsample(coarse[c], shape, (step,) * 3) for c in range(3)])
     return coords, coarse, step
+
+
+def _locate(anat: _Anatomy, target: F64, coarse: F32, step: float, pose: F64, lo: F64, r: float) -> F64:
+    """Case index (z, y, x) that samples template point *target* (LPS) despite the elastic field.
+
+    Starts from the pose alone and takes Newton-like steps with the pose as the Jacobian.
+    """
+    c0 = anat.brain_centre
+    wanted = ((target - anat.origin) / anat.spacing)[::-1]  # template index (z, y, x)
+    index = (c0 + pose @ (target - c0) - lo)[::-1] / r
+    for _ in range(4):
+        got = np.array([ndimage.map_coordinates(coarse[c], (index / step)[:, None], order=1, mode="nearest")[0]
+                        for c in range(3)])
+        index = index + (pose @ (wanted - got)[::-1] * anat.spacing / r)[::-1]
+    return index
 
 
 def _mass_effect(coords: F32, coarse: F32, step: float, centre: F64, r: float, push_mm: float) -> None:
@@ -722,6 +739,7 @@ class _Study:
     sex: str
     weight_kg: float
     field_t: float
+    t2_timing: tuple[float, float]  # TR, TE in ms
 
 
 # Per sequence: DICOM MR physics (PS3.3 C.8.3.1) in the form sequence classifiers look for.
@@ -811,12 +829,14 @@ def _uid(seed: int, *parts: str) -> str:
 
 
 def _draw_study(seed: int, rng: np.random.Generator) -> _Study:
+    """Dates, patient details and scanner of a study (a child of 4 to 14 years)."""
     when = datetime.datetime(2023, 1, 2, 8, 0) + datetime.timedelta(days=int(rng.integers(0, 730)),
                                                                      minutes=int(rng.integers(0, 600)))
     age_days = int(rng.integers(4 * 365, 14 * 365))
     return _Study(seed=seed, study_uid=_uid(seed, "study"), frame_uid=_uid(seed, "frame-of-reference"), when=when,
                   birth_date=when.date() - datetime.timedelta(days=age_days), sex=str(rng.choice(["F", "M"])),
-                  weight_kg=round(float(rng.uniform(16.0, 50.0)), 1), field_t=float(rng.choice([1.5, 3.0])))
+                  weight_kg=round(float(rng.uniform(16.0, 50.0)), 1), field_t=float(rng.choice([1.5, 3.0])),
+                  t2_timing=(float(rng.integers(40, 61)) * 100.0, float(rng.integers(90, 111))))
 
 
 def _plan(case: PhantomCase, rng: np.random.Generator, geometry: Geometry) -> list[_Acquisition]:
@@ -940,6 +960,8 @@ def _datasets(study: _Study, acq: _Acquisition, number: int, series_uid: str,
     shared.BodyPartExamined = "HEAD"
     for keyword, value in _PHYSICS[acq.sequence].items():
         setattr(shared, keyword, value)
+    if acq.sequence == "t2":
+        shared.RepetitionTime, shared.EchoTime = study.t2_timing
     shared.MRAcquisitionType = "3D" if acq.three_d else "2D"
     shared.SliceThickness = format_number_as_ds(round(acq.thickness_mm, 6))
     shared.SpacingBetweenSlices = format_number_as_ds(round(acq.spacing_mm, 6))

@@ -4,8 +4,8 @@ Loss of the generator: Dice + binary cross-entropy (MONAI ``DiceCELoss``) plus, 
 ``adversarial=False``, ``adv_weight`` times the adversarial loss of the discriminator's verdict
 on (image, predicted probability) pairs. The discriminator learns to tell those from
 (image, reference mask) pairs. Cases are preprocessed once onto the model grid and cached;
-training samples patches (two thirds centred on tumour) with left-right flips and intensity
-jitter. After each epoch the validation Dice (whole volumes, sliding window, model grid) is
+training samples patches (half centred on tumour, half elsewhere in the head) with left-right
+flips and intensity jitter. After each epoch the validation Dice (whole volumes, sliding window, model grid) is
 logged, the best generator kept and a resumable checkpoint written.
 
 Outputs in ``out_dir``: ``generator.pt``, ``generator.onnx`` and ``manifest.json`` (best
@@ -35,9 +35,15 @@ from tqdm import tqdm
 from dmg_node.errors import ModelError
 from dmg_node.fsutil import atomic_write, ensure_dir
 from dmg_node.segment.data import DEFAULT_ROI_PATTERN, CaseSource, find_cases
-from dmg_node.segment.export import save_model
-from dmg_node.segment.infer import resolve_device, sliding_window_probability, torch_predictor
-from dmg_node.segment.manifest import RESEARCH_USE, SEQUENCES, Manifest
+from dmg_node.segment.export import load_generator, save_model
+from dmg_node.segment.infer import (
+    PostprocessConfig,
+    postprocess,
+    resolve_device,
+    sliding_window_probability,
+    torch_predictor,
+)
+from dmg_node.segment.manifest import RESEARCH_USE, SEQUENCES, TORCH_WEIGHTS, Manifest, load_manifest
 from dmg_node.segment.network import Discriminator, Generator, GeneratorConfig, count_parameters
 from dmg_node.segment.preprocess import PreprocessConfig, prepare
 
@@ -57,13 +63,13 @@ class TrainSettings:
     epochs: int = 40
     steps_per_epoch: int = 40
     batch_size: int = 2
-    lr: float = 2e-3
+    lr: float = 3e-3
     seed: int = 0
     adversarial: bool = True
     adv_weight: float = 0.05
     adv_criterion: str = "least_squares"
     val_fraction: float = 0.15
-    pos_fraction: float = 0.67
+    pos_fraction: float = 0.5
     patch_size: tuple[int, int, int] = (48, 48, 48)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
@@ -133,7 +139,12 @@ class PatchSampler:
         if len(tumour) and self.rng.random() < self.pos_fraction:
             centre = tumour[int(self.rng.integers(len(tumour)))]
         else:
-            centre = np.array([self.rng.integers(n) for n in shape])
+            # Somewhere in the head: the crop still holds much air, which teaches little.
+            floor = float(case.image.min()) + 0.5
+            for _ in range(20):
+                centre = np.array([self.rng.integers(n) for n in shape])
+                if case.image[tuple(centre)] > floor:
+                    break
         start = np.clip(centre - self.patch // 2, 0, np.maximum(shape - self.patch, 0))
         sl = tuple(slice(int(a), int(a + p)) for a, p in zip(start, self.patch))
         pads = [(0, int(max(0, p - n))) for p, n in zip(self.patch, shape)]
@@ -220,10 +231,14 @@ def dice(pred: BoolArray, ref: BoolArray) -> float:
 
 
 def validate(generator: Generator, cases: list[PreparedCase], patch: tuple[int, int, int], device: torch.device) -> float:
-    """Mean Dice over whole model-grid volumes (threshold 0.5)."""
+    """Mean Dice over whole model-grid volumes, post-processed as at inference (no minimum volume)."""
     generator.eval()
     predictor = torch_predictor(generator, device)
-    scores = [dice(sliding_window_probability(predictor, c.image, patch) > 0.5, c.label > 0.5) for c in cases]
+    clean = PostprocessConfig(min_volume_mm3=0.0)
+    scores = [
+        dice(postprocess(sliding_window_probability(predictor, c.image, patch), (1.0, 1.0, 1.0), clean), c.label > 0.5)
+        for c in cases
+    ]
     generator.train()
     return float(np.mean(scores))
 
@@ -250,7 +265,7 @@ def train(
     epochs: int = 40,
     steps_per_epoch: int = 40,
     batch_size: int = 2,
-    lr: float = 2e-3,
+    lr: float = 3e-3,
     seed: int = 0,
     adversarial: bool = True,
     adv_weight: float = 0.05,
@@ -262,6 +277,7 @@ def train(
     generator: GeneratorConfig | None = None,
     preprocess: PreprocessConfig | None = None,
     roi_pattern: str = DEFAULT_ROI_PATTERN,
+    init_from: Path | None = None,
     work_dir: Path | None = None,
     time_limit_s: float | None = None,
     version: str = "0.1.0",
@@ -296,6 +312,9 @@ def train(
         Network and preprocessing parameters (defaults when None).
     roi_pattern
         Regular expression (``re.search``) choosing RTSTRUCT ROIs for DICOM data.
+    init_from
+        A model folder (same network configuration, any sequence) whose generator weights
+        start the training (fine-tuning), instead of a random initialisation.
     work_dir
         Cache and checkpoint folder (default ``out_dir/work``; not part of the model).
     time_limit_s
@@ -338,7 +357,15 @@ def train(
     train_cases = load_prepared(train_src, settings.preprocess, cache)
     val_cases = load_prepared(val_src, settings.preprocess, cache)
 
-    gen = Generator(settings.generator).to(torch_device)
+    gen = Generator(settings.generator)
+    origin: dict[str, str] = {}
+    if init_from is not None:
+        start_from = load_manifest(init_from)
+        if start_from.generator != settings.generator:
+            raise ModelError(f"init_from model {init_from} must have the generator configuration {settings.generator}")
+        gen = load_generator(init_from / TORCH_WEIGHTS, settings.generator)
+        origin = {"name": start_from.name, "sequence": start_from.sequence, "sha256": start_from.sha256[TORCH_WEIGHTS]}
+    gen = gen.to(torch_device)
     disc = Discriminator().to(torch_device)
     step = GanStep(gen, disc, lr, adversarial=adversarial, adv_weight=adv_weight, adv_criterion=adv_criterion)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(step.opt_g, T_max=epochs, eta_min=lr * 0.02)
@@ -415,6 +442,7 @@ def train(
         intended_use=intended_use,
         training={
             "data": data_description or str(data_dir),
+            "init_from": origin,
             "train_cases": [c.case_id for c in train_cases],
             "val_cases": [c.case_id for c in val_cases],
             "settings": settings.to_dict(),

@@ -1,0 +1,113 @@
+"""Inference benchmark: seconds and peak memory per volume, torch vs ONNX Runtime, on the CPU.
+
+Usage: python -m integration.bench_inference [--repeats 3] [--models models]
+
+Two volumes are cut from one phantom (dmg_node.segment.phantom, seed 4242): a 256x256x24 axial
+T2 (0.9 x 0.9 x 6 mm) and a 3D 1 mm T1C (176 sagittal slices of 256x256). Each (volume,
+backend) pair runs in a fresh process that loads the demo model for that sequence (a randomly
+initialised one of the same size if absent) and times ``Segmenter.predict`` (median of the
+repeats, after one warm-up); peak memory is that process's VmHWM. Prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+VOLUMES = {
+    # name: (sequence, array shape (slices, rows, cols), spacing (col, row, slice) mm, direction columns)
+    "T2 axial 256x256x24": ("t2", (24, 256, 256), (0.9, 0.9, 6.0), np.eye(3)),
+    "T1C 3D 1 mm 176x256x256": ("t1c", (176, 256, 256), (1.0, 1.0, 1.0), np.array([[0, 0, 1], [1, 0, 0], [0, -1, 0]], float).T),
+}
+BACKENDS = ("torch", "onnx")
+
+
+def make_volumes(folder: Path) -> None:
+    """Resample one phantom onto the two benchmark grids and save them as .npz files."""
+    from dmg_node.segment.phantom import make_case
+    from dmg_node.segment.preprocess import resample
+
+    case = make_case(4242)
+    centre = case.affine[:3, :3] @ (np.array(case.label.shape[::-1]) - 1) / 2 + case.affine[:3, 3]
+    for index, (name, (sequence, shape, spacing, direction)) in enumerate(VOLUMES.items()):
+        affine = np.eye(4)
+        affine[:3, :3] = direction @ np.diag(spacing)
+        affine[:3, 3] = centre - affine[:3, :3] @ (np.array(shape[::-1]) - 1) / 2
+        array = resample(case.images[sequence], case.affine, shape, affine)
+        np.savez(folder / f"{index}.npz", array=array, affine=affine, sequence=sequence)
+
+
+def worker(volume_file: Path, backend: str, models: Path, repeats: int) -> None:
+    """Run in a child process: load, warm up, time ``repeats`` predictions, print JSON."""
+    from dmg_node.logs import configure
+    from dmg_node.segment.data import array_volume
+    from dmg_node.segment.export import save_model
+    from dmg_node.segment.infer import Segmenter
+    from dmg_node.segment.manifest import RESEARCH_USE
+    from dmg_node.segment.network import Generator
+    from dmg_node.segment.preprocess import PreprocessConfig
+
+    configure(level="warning", stream=sys.stderr)
+    with np.load(volume_file) as npz:
+        volume = array_volume(npz["array"], npz["affine"])
+        sequence = str(npz["sequence"])
+    model_dir = models / f"demo-{sequence}"
+    with tempfile.TemporaryDirectory() as tmp:
+        if not (model_dir / "manifest.json").is_file():
+            model_dir = Path(tmp) / "random"
+            save_model(model_dir, Generator(), sequence=sequence, preprocess=PreprocessConfig(),
+                       patch_size=(48, 48, 48), version="0", intended_use=RESEARCH_USE)
+        segmenter = Segmenter.load(model_dir, "cpu", backend=backend)
+        segmenter.predict(volume)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            segmenter.predict(volume)
+            times.append(time.perf_counter() - start)
+    peak_kb = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
+                   if line.startswith("VmHWM:"))
+    print(json.dumps({"seconds": statistics.median(times), "peak_gb": peak_kb / 1024**2, "model": model_dir.name}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--models", type=Path, default=Path("models"))
+    parser.add_argument("--worker", nargs=2, metavar=("VOLUME_NPZ", "BACKEND"))
+    args = parser.parse_args()
+    if args.worker:
+        worker(Path(args.worker[0]), args.worker[1], args.models, args.repeats)
+        return
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        make_volumes(Path(tmp))
+        for index, name in enumerate(VOLUMES):
+            result = {}
+            for backend in BACKENDS:
+                out = subprocess.run(
+                    [sys.executable, "-m", "integration.bench_inference", "--repeats", str(args.repeats),
+                     "--models", str(args.models), "--worker", str(Path(tmp) / f"{index}.npz"), backend],
+                    check=True, capture_output=True, text=True, timeout=1800,
+                )
+                result[backend] = json.loads(out.stdout.strip().splitlines()[-1])
+            rows.append((name, result))
+    print(f"CPU threads used: {os.cpu_count()} logical; median of {args.repeats} runs after one warm-up\n")
+    print("| volume | model | torch (s) | ONNX Runtime (s) | torch / ORT | peak torch (GB) | peak ORT (GB) |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r in rows:
+        t, o = r["torch"], r["onnx"]
+        print(f"| {name} | {o['model']} | {t['seconds']:.2f} | {o['seconds']:.2f} | {t['seconds'] / o['seconds']:.2f} | "
+              f"{t['peak_gb']:.2f} | {o['peak_gb']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
