@@ -169,7 +169,7 @@ def cmd_phantom(args: argparse.Namespace) -> int:
     logs.configure("info", "console", stream=sys.stderr)
     formats = {f.strip() for f in args.format.split(",") if f.strip()}
     written = generate(Path(args.out), args.n, args.seed, formats, geometry=args.geometry,
-                       reference_rtstruct=args.rtstruct)
+                       reference_rtstruct=args.rtstruct, resolution_mm=args.resolution)
     for path in written:
         print(path)
     return EXIT_OK
@@ -279,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", default="dicom,nifti", help="dicom, nifti or both (comma-separated)")
     s.add_argument("--geometry", choices=("clinical", "small"), default="clinical")
     s.add_argument("--rtstruct", action="store_true", help="also write a reference RTSTRUCT per series")
+    s.add_argument("--resolution", type=float, default=1.0, help="case grid in mm (2 is faster, coarser)")
     s.set_defaults(func=cmd_phantom)
     s = sub.add_parser("train", help="train a generator for one sequence")
     s.add_argument("--sequence", choices=("t1c", "t2", "flair"), required=True)

@@ -33,6 +33,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dmg_node.config import Settings
+from dmg_node.errors import SpoolError
 from dmg_node.spool import InstanceRecord, Spool
 
 log = structlog.get_logger(__name__)
@@ -164,6 +165,13 @@ class Receiver:
         req = event.assoc.requestor
         return f"{req.address}:{req.port}"
 
+    @staticmethod
+    def _called(event: Any) -> str:
+        # The title the peer asked for: acceptor.ae_title is always ours, even when
+        # require_called_aet is off and the peer called another title.
+        primitive = event.assoc.requestor.primitive
+        return str(primitive.called_ae_title) if primitive is not None else ""
+
     def _on_conn_open(self, event: Any) -> None:
         # pynetdicom never sets TCP_NODELAY; without it each response can wait on Nagle + delayed ACK.
         sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
@@ -177,14 +185,12 @@ class Receiver:
         calling = event.assoc.requestor.ae_title
         with self._stats_lock:
             self._stats[id(event.assoc)] = _AssocStats(calling_aet=calling, peer=self._peer(event))
-        log.info("association_accepted", calling_aet=calling, called_aet=event.assoc.acceptor.ae_title,
-                 peer=self._peer(event))
+        log.info("association_accepted", calling_aet=calling, called_aet=self._called(event), peer=self._peer(event))
 
     def _on_rejected(self, event: Any) -> None:
         assoc = event.assoc
         calling = assoc.requestor.ae_title
-        primitive = assoc.requestor.primitive
-        called = primitive.called_ae_title if primitive is not None else ""
+        called = self._called(event)
         allowed = [a.strip() for a in self.ae.require_calling_aet]
         if allowed and calling not in allowed:
             reason = "calling AE title not allowed"
@@ -267,7 +273,8 @@ class Receiver:
             )
             outcome = self.spool.store(event.encoded_dataset(include_meta=True), rec,
                                        keep_first=storage.duplicate_policy == "keep_first")
-        except OSError as exc:
+        except (OSError, SpoolError) as exc:
+            # SpoolError: the file was written but the index is full (SQLITE_FULL) - still a full disk.
             log.error("store_failed", status=f"0x{StoreStatus.OUT_OF_RESOURCES:04X}", error=str(exc), **fields)
             return StoreStatus.OUT_OF_RESOURCES
         if outcome.duplicate:

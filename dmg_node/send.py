@@ -18,11 +18,13 @@ from typing import Any
 
 import structlog
 from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dmg_node.config import Destination, OutboxSettings
+from dmg_node.errors import SpoolError
 from dmg_node.spool import OutboxState, Spool
 
 log = structlog.get_logger(__name__)
@@ -87,9 +89,13 @@ def store_files(paths: Sequence[Path], dest: Destination, calling_aet: str, time
     results: list[SendResult | None] = []
     for path in paths:
         try:
-            datasets.append(dcmread(path))
+            ds = dcmread(path)
+            str(ds.SOPClassUID)  # needed to propose a context; a file without it is unsendable
+            datasets.append(ds)
             results.append(None)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, AttributeError, InvalidDicomError) as exc:
+            # Any of these escaping would end the destination's OutboxWorker thread: every later
+            # RTSTRUCT for it would wait forever behind one damaged file.
             datasets.append(None)
             results.append(SendResult(False, "unreadable", f"{path.name}: {exc}"))
     classes = sorted({str(ds.SOPClassUID) for ds in datasets if ds is not None})
@@ -109,7 +115,12 @@ def store_files(paths: Sequence[Path], dest: Destination, calling_aet: str, time
             if not assoc.is_established:
                 results[i] = SendResult(False, "no-association", "association lost during the send")
                 continue
-            results[i] = _result(assoc.send_c_store(ds))
+            try:
+                results[i] = _result(assoc.send_c_store(ds))
+            except ValueError as exc:
+                # pynetdicom: the peer accepted no presentation context for this SOP class (or
+                # the dataset cannot be encoded in the accepted one). A failure, not a crash.
+                results[i] = SendResult(False, "not-sent", str(exc))
     finally:
         if assoc.is_established:
             assoc.release()
@@ -149,16 +160,24 @@ class OutboxWorker(threading.Thread):
     ) -> None:
         super().__init__(name=f"outbox-{dest.name}", daemon=True)
         self.spool, self.dest, self.calling_aet, self.settings = spool, dest, calling_aet, settings
-        self._stop, self._clock = stop, clock
+        # Not "_stop": that would shadow threading.Thread._stop(), which join() and is_alive() call
+        # once the thread has ended (TypeError: 'Event' object is not callable in Node.stop).
+        self._halt, self._clock = stop, clock
         self.wake = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.is_set():
-            items = self.spool.due_outbox(self._clock(), destination=self.dest.name)
-            for item in items:
-                if self._stop.is_set():
-                    return
-                self._send(item)
+        while not self._halt.is_set():
+            try:
+                items = self.spool.due_outbox(self._clock(), destination=self.dest.name)
+                for item in items:
+                    if self._halt.is_set():
+                        return
+                    self._send(item)
+            except SpoolError as exc:
+                # The index cannot record a result (e.g. SQLITE_FULL): the item stays pending and is
+                # retried after a poll; ending the thread would strand this destination until restart.
+                log.error("outbox_index_failed", destination=self.dest.name, error=str(exc))
+                items = []
             if not items:
                 self.wake.wait(self.settings.poll_seconds)
                 self.wake.clear()

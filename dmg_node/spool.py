@@ -204,14 +204,24 @@ class Spool:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; any SQLite failure (e.g. SQLITE_FULL on a full disk) is a SpoolError.
+
+        COMMIT is inside the try: a failed COMMIT must not leave the transaction open, or every
+        later BEGIN fails even after space returns. SQLite may already have rolled back itself
+        (SQLITE_FULL, SQLITE_IOERR), hence the ``in_transaction`` check.
+        """
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                raise SpoolError(f"spool index write failed: {exc}") from exc
 
     def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
@@ -245,6 +255,9 @@ class Spool:
         ------
         OSError
             The file could not be written (e.g. ENOSPC); nothing was indexed.
+        SpoolError
+            The index could not record it (e.g. SQLITE_FULL): a new file is removed again (a
+            re-sent copy that replaced the indexed file of the same instance stays).
         """
         path = self.instance_path(rec.study_instance_uid, rec.series_instance_uid, rec.sop_instance_uid)
         existing = self._query(
@@ -255,35 +268,44 @@ class Spool:
             return StoreOutcome(path=self.root / existing[0][0], stored=False, duplicate=True, reopened=False)
         atomic_write(path, data, sync=self.fsync)
         rel = str(path.relative_to(self.root))
-        if duplicate and existing[0][0] != rel:
-            # Same SOP Instance UID under another study/series: the later copy wins, drop the old file.
+        moved = duplicate and existing[0][0] != rel
+        try:
+            with self._tx() as db:
+                db.execute(
+                    "INSERT OR REPLACE INTO instances VALUES (?,?,?,?,?,?,?,?,?)",
+                    (rec.sop_instance_uid, rec.series_instance_uid, rec.study_instance_uid, rec.sop_class_uid,
+                     rec.transfer_syntax_uid, rel, len(data), rec.calling_aet, rec.received_at),
+                )
+                db.execute(
+                    "INSERT OR IGNORE INTO series (series_instance_uid, study_instance_uid, modality, series_number,"
+                    " series_description) VALUES (?,?,?,?,?)",
+                    (rec.series_instance_uid, rec.study_instance_uid, rec.modality, rec.series_number,
+                     rec.series_description),
+                )
+                row = db.execute(
+                    "SELECT covered_until FROM studies WHERE study_instance_uid = ?",
+                    (rec.study_instance_uid,),
+                ).fetchone()
+                if row is None:
+                    db.execute(
+                        "INSERT INTO studies (study_instance_uid, first_received_at, last_received_at) VALUES (?,?,?)",
+                        (rec.study_instance_uid, rec.received_at, rec.received_at),
+                    )
+                else:
+                    db.execute(
+                        "UPDATE studies SET last_received_at = MAX(last_received_at, ?) WHERE study_instance_uid = ?",
+                        (rec.received_at, rec.study_instance_uid),
+                    )
+        except SpoolError:
+            # The sender is answered a failure and will resend: leave no unindexed file behind.
+            # A copy at the same path replaced the indexed bytes of the same instance: keep it.
+            if not duplicate or moved:
+                path.unlink(missing_ok=True)
+            raise
+        if moved:
+            # Same SOP Instance UID under another study/series: the later copy wins. The old file
+            # goes only now that the index points at the new one (before, a failed commit lost both).
             (self.root / existing[0][0]).unlink(missing_ok=True)
-        with self._tx() as db:
-            db.execute(
-                "INSERT OR REPLACE INTO instances VALUES (?,?,?,?,?,?,?,?,?)",
-                (rec.sop_instance_uid, rec.series_instance_uid, rec.study_instance_uid, rec.sop_class_uid,
-                 rec.transfer_syntax_uid, rel, len(data), rec.calling_aet, rec.received_at),
-            )
-            db.execute(
-                "INSERT OR IGNORE INTO series (series_instance_uid, study_instance_uid, modality, series_number,"
-                " series_description) VALUES (?,?,?,?,?)",
-                (rec.series_instance_uid, rec.study_instance_uid, rec.modality, rec.series_number,
-                 rec.series_description),
-            )
-            row = db.execute(
-                "SELECT covered_until FROM studies WHERE study_instance_uid = ?",
-                (rec.study_instance_uid,),
-            ).fetchone()
-            if row is None:
-                db.execute(
-                    "INSERT INTO studies (study_instance_uid, first_received_at, last_received_at) VALUES (?,?,?)",
-                    (rec.study_instance_uid, rec.received_at, rec.received_at),
-                )
-            else:
-                db.execute(
-                    "UPDATE studies SET last_received_at = MAX(last_received_at, ?) WHERE study_instance_uid = ?",
-                    (rec.received_at, rec.study_instance_uid),
-                )
         processed = row is not None and row[0] is not None
         return StoreOutcome(path=path, stored=True, duplicate=duplicate, reopened=processed)
 

@@ -180,9 +180,10 @@ def _toml(v: Any) -> str:
 
 
 @contextlib.contextmanager
-def running_node(workdir: Path, **sections: dict[str, Any]) -> Iterator[NodeProcess]:
+def running_node(workdir: Path, port: int | None = None, **sections: Any) -> Iterator[NodeProcess]:
     """Start `dmg-node serve` on a free loopback port; always stopped on exit."""
-    port = free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
     cfg = node_config(workdir, port, **sections)
     log_path = workdir / "node.log"
     with open(log_path, "wb") as logf:
@@ -262,10 +263,11 @@ def running_orthanc(workdir: Path, aet: str = "ORTHANC", modalities: dict[str, l
 
 
 @contextlib.contextmanager
-def running_storescp(outdir: Path, aet: str = "STORESCP", *extra: str) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+def running_storescp(outdir: Path, aet: str = "STORESCP", *extra: str,
+                     port: int | None = None) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     """Start DCMTK storescp writing into *outdir*; always stopped on exit."""
     outdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     proc = subprocess.Popen([DCMTK["storescp"], "-aet", aet, "-od", str(outdir), *extra, str(port)],
                             env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import numpy.typing as npt
@@ -152,10 +153,12 @@ def sliding_window_probability(
     total = torch.zeros_like(x)
     for n, view in enumerate(views):
         with torch.inference_mode():
-            logits = sliding_window_inference(
-                view, roi_size=patch_size, sw_batch_size=1, predictor=predictor, overlap=overlap, mode="gaussian"
+            logits = cast(
+                torch.Tensor,
+                sliding_window_inference(
+                    view, roi_size=patch_size, sw_batch_size=1, predictor=predictor, overlap=overlap, mode="gaussian"
+                ),
             )
-        assert isinstance(logits, torch.Tensor)
         prob = torch.sigmoid(logits.float().cpu())
         total += torch.flip(prob, dims=(4,)) if n else prob
     result: npt.NDArray[np.float32] = (total / len(views))[0, 0].numpy()
