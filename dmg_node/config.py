@@ -62,6 +62,17 @@ class AccessSettings:
 
 
 @dataclass(frozen=True)
+class TlsSettings:
+    """DICOM TLS on the SCP (PS3.15 B.1: the Basic TLS Secure Transport Connection Profile)."""
+
+    enabled: bool = False
+    cert: str = ""
+    key: str = ""
+    ca: str = ""
+    require_client_cert: bool = True
+
+
+@dataclass(frozen=True)
 class Destination:
     name: str
     ae_title: str
@@ -141,6 +152,7 @@ class Settings:
     storage: StorageSettings = field(default_factory=StorageSettings)
     assembly: AssemblySettings = field(default_factory=AssemblySettings)
     access: AccessSettings = field(default_factory=AccessSettings)
+    tls: TlsSettings = field(default_factory=TlsSettings)
     destinations: tuple[Destination, ...] = ()
     models: ModelsSettings = field(default_factory=ModelsSettings)
     outbox: OutboxSettings = field(default_factory=OutboxSettings)
@@ -312,6 +324,16 @@ def _check_range(generic_key: str, value: float, key: str, where: str) -> None:
 
 
 def _check_cross_rules(settings: Settings, where: str) -> None:
+    tls = settings.tls
+    if tls.enabled:
+        needed = [("tls.cert", tls.cert), ("tls.key", tls.key)]
+        if tls.require_client_cert:
+            needed.append(("tls.ca", tls.ca))
+        for key, value in needed:
+            if not value:
+                raise ConfigError(f"{where}: {key!r} must name a PEM file when tls.enabled is true")
+            if not Path(value).is_file():
+                raise ConfigError(f"{where}: {key!r} names {value!r}, which is not a readable file")
     if len(settings.rtstruct.color) != 3:
         raise ConfigError(f"{where}: 'rtstruct.color' must be three integers [R, G, B]; found {list(settings.rtstruct.color)}")
     for key, value in (("roi_name_t1c", settings.rtstruct.roi_name_t1c), ("roi_name_t2", settings.rtstruct.roi_name_t2),

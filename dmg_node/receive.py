@@ -7,6 +7,7 @@ and only then returns Success; every other outcome is a named failure status (PS
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dmg_node.config import Settings
+from dmg_node.errors import ConfigError
 from dmg_node.errors import SpoolError
 from dmg_node.spool import InstanceRecord, Spool
 
@@ -80,6 +82,23 @@ class _AssocStats:
     failed: int = 0
 
 
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The server-side TLS context from ``[tls]``, or None when TLS is off (PS3.15 B.1)."""
+    tls = settings.tls
+    if not tls.enabled:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(tls.cert, tls.key)
+        if tls.ca:
+            ctx.load_verify_locations(tls.ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"{settings.source}: [tls] certificate, key or CA cannot be loaded: {exc}") from exc
+    ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_NONE
+    return ctx
+
+
 class Receiver:
     """Owns the AE and its server thread; :meth:`apply` updates the live-changeable settings."""
 
@@ -105,9 +124,10 @@ class Receiver:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
-        self._server = self.ae.start_server((node.host, node.port), block=False, evt_handlers=handlers)
+        self._server = self.ae.start_server((node.host, node.port), block=False, evt_handlers=handlers,
+                                            ssl_context=tls_context(self.settings))
         log.info("scp_started", ae_title=node.ae_title, host=node.host, port=self.port,
-                 maximum_associations=node.maximum_associations)
+                 maximum_associations=node.maximum_associations, tls=self.settings.tls.enabled)
 
     @property
     def port(self) -> int:
