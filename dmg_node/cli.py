@@ -145,7 +145,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     if not path.exists():
         print(f"no such file or folder: {path}", file=sys.stderr)
         return EXIT_FAILURE
-    rows = []
+    rows: list[dict[str, Any]] = []
     for uid, paths in sorted(find_series(path).items()):
         header = header_from_dataset(dcmread(paths[0], stop_before_pixels=True), n_instances=len(paths))
         result = classify(header, rules)

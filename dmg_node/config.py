@@ -246,7 +246,7 @@ def load(path: Path | str | None = None) -> Settings:
 def from_dict(raw: dict[str, Any], source: Path | None = None) -> Settings:
     """Validate an already-parsed TOML table (see :func:`load`)."""
     where = str(source) if source is not None else "<config>"
-    settings = _build(Settings, raw, "", where, skip={"source"})
+    settings: Settings = _build(Settings, raw, "", where, skip={"source"})
     settings = dataclasses.replace(settings, source=source)
     _check_cross_rules(settings, where)
     return settings

@@ -66,6 +66,7 @@ def tps_stand_in(folder: Path, ae_title: str = "DEMO_TPS") -> Iterator[Destinati
     ae.add_supported_context(RTStructureSetStorage, [ImplicitVRLittleEndian, ExplicitVRLittleEndian])
     port = _free_port()
     server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert server is not None  # non-blocking start returns the server
     try:
         yield Destination(name="demo_tps", ae_title=ae_title, host="127.0.0.1", port=port)
     finally:

@@ -89,15 +89,15 @@ def _import_one(path: Path, spool: Spool, keep_first: bool) -> str | None:
     if missing:
         return f"missing {', '.join(missing)}"
     meta = getattr(ds, "file_meta", None)
-    has_meta = meta is not None and "TransferSyntaxUID" in meta
+    syntax = str(meta.TransferSyntaxUID) if meta is not None and "TransferSyntaxUID" in meta else None
     rec = InstanceRecord(
         sop_instance_uid=str(ds.SOPInstanceUID).strip(), series_instance_uid=str(ds.SeriesInstanceUID).strip(),
         study_instance_uid=str(ds.StudyInstanceUID).strip(), sop_class_uid=str(ds.SOPClassUID).strip(),
-        transfer_syntax_uid=str(meta.TransferSyntaxUID) if has_meta else str(ExplicitVRLittleEndian),
+        transfer_syntax_uid=syntax or str(ExplicitVRLittleEndian),
         calling_aet=IMPORT_AET, received_at=time.time(), modality=str(ds.get("Modality", "")),
         series_number=str(ds.get("SeriesNumber", "")), series_description=str(ds.get("SeriesDescription", "")),
     )
-    data = path.read_bytes() if has_meta else _as_part10(ds)
+    data = path.read_bytes() if syntax else _as_part10(ds)
     try:
         outcome = spool.store(data, rec, keep_first=keep_first)
     except OSError as exc:

@@ -115,7 +115,7 @@ class Receiver:
     def start(self) -> None:
         """Bind and serve in background threads (one per association)."""
         node = self.settings.node
-        handlers = [
+        handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
@@ -174,7 +174,8 @@ class Receiver:
         # reports, presentation states), so a study send never fails half-way; they are stored and
         # later classified as none.
         for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
+            if cx.abstract_syntax is not None:
+                ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         return ae
 

@@ -158,7 +158,9 @@ def _received_sops(outdir: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_kill_9_mid_association_keeps_every_acknowledged_instance_bit_identical(tmp_path: Path) -> None:
+def test_kill_9_mid_association_keeps_every_acknowledged_instance_bit_identical(
+    tmp_path: Path, record_property: Callable[[str, object], None]
+) -> None:
     """kill -9 during a 400-instance association: after restart every instance the sender saw
     acknowledged is indexed and bit-identical, and no temp or empty file is left."""
     sent = {dcmread(p).SOPInstanceUID: p for p in write_series(tmp_path / "in", 400)}
@@ -189,6 +191,9 @@ def test_kill_9_mid_association_keeps_every_acknowledged_instance_bit_identical(
     assert not [p for p in files if p.name.endswith(TMP_SUFFIX) or p.stat().st_size == 0]
     assert len(files) == len(index), "a file on disk is not indexed (or the reverse)"
     assert reconciled["unreadable"] == 0
+    for key, value in (("acknowledged", len(acknowledged)), ("indexed", len(index)),
+                       ("temp_removed", reconciled["temp_removed"]), ("reindexed", reconciled["reindexed"])):
+        record_property(key, value)
 
 
 @pytest.mark.slow
@@ -427,7 +432,7 @@ def _small_filesystem(mountpoint: Path, size_mb: int = 8) -> Iterator[str]:
             subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True, timeout=60)
 
 
-def test_full_disk_answers_out_of_resources_then_resumes(tmp_path: Path) -> None:
+def test_full_disk_answers_out_of_resources_then_resumes(tmp_path: Path, record_property: Callable[[str, object], None]) -> None:
     """On a really full file system every C-STORE gets Success or 0xA700 (never another status), the
     index matches the files, no partial or empty file is left, and storing resumes when space returns."""
     write_series(tmp_path / "in", 150)
@@ -441,6 +446,8 @@ def test_full_disk_answers_out_of_resources_then_resumes(tmp_path: Path) -> None
         out = full.stdout + full.stderr
         ok, refused = out.count("Received Store Response (Success)"), out.count("Refused: OutOfResources")
         assert ok + refused == 150 and ok >= 1 and refused >= 1, out[-2000:]
+        record_property("stored_until_full", ok)
+        record_property("refused_0xA700", refused)
         assert {e["status"] for e in logs if e["event"] in ("store_failed", "store_refused_low_disk")} == {"0xA700"}
         files = [p for p in (disk / "spool" / "studies").rglob("*") if p.is_file()]
         assert len(files) == rx.spool.instance_count() == ok
@@ -502,7 +509,9 @@ def test_eight_concurrent_associations_store_every_instance(
     assert rss < 2048
 
 
-def test_association_limit_refuses_the_excess_cleanly(tmp_path: Path, eight_series: list[Path]) -> None:
+def test_association_limit_refuses_the_excess_cleanly(
+    tmp_path: Path, eight_series: list[Path], record_property: Callable[[str, object], None]
+) -> None:
     """With maximum_associations = 4 and eight senders at once the excess gets A-ASSOCIATE-RJ, logged
     as "too many associations"; every accepted association stores all it sends and the node serves on."""
     with _receiver(tmp_path / "spool", node={"maximum_associations": 4}) as rx, capture_logs() as logs:
@@ -510,6 +519,7 @@ def test_association_limit_refuses_the_excess_cleanly(tmp_path: Path, eight_seri
         accepted = [r for r in results if r.returncode == 0]
         refused = [r for r in results if r.returncode != 0]
         assert 1 <= len(accepted) <= 4 and refused
+        record_property("accepted", len(accepted))
         assert all("Association Rejected" in r.stdout and "Local Limit Exceeded" in r.stdout for r in refused)
         rejected = [e for e in logs if e["event"] == "association_rejected"]
         assert len(rejected) == len(refused) and {e["reason"] for e in rejected} == {"too many associations"}
@@ -650,7 +660,7 @@ def test_outbox_gives_up_after_give_up_hours_and_reports_it(spool: Spool, tmp_pa
     assert row["state"] == "failed" and row["destination"] == "down" and row["last_error"]
 
 
-def test_a_dead_destination_does_not_delay_a_live_one(spool: Spool) -> None:
+def test_a_dead_destination_does_not_delay_a_live_one(spool: Spool, record_property: Callable[[str, object], None]) -> None:
     """A destination that accepts TCP but never answers holds only its own worker: the live
     destination gets its RTSTRUCT at once, while the dead one is still waiting on its timeout."""
     sop, data = _rtstruct("1.2.3")
@@ -669,6 +679,7 @@ def test_a_dead_destination_does_not_delay_a_live_one(spool: Spool) -> None:
         finally:
             tps.stop()
     assert live_seconds < 2.0
+    record_property("live_delivery_s", round(live_seconds, 3))
 
 
 def test_a_damaged_outbox_file_does_not_stop_its_destination(spool: Spool, tmp_path: Path) -> None:
