@@ -10,7 +10,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -47,6 +46,16 @@ def wait_port(port: int, timeout: float = 30.0, proc: subprocess.Popen[Any] | No
                 return
         time.sleep(0.05)
     raise TimeoutError(f"nothing listening on {LOCALHOST}:{port} after {timeout} s")
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within *timeout* seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
 
 
 def dcmtk_env() -> dict[str, str]:
@@ -140,12 +149,7 @@ class NodeProcess:
 
     def stop(self, timeout: float = 30.0) -> int:
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+            stop_process(self.proc, timeout)
         return int(self.proc.returncode)
 
 
@@ -253,12 +257,7 @@ def running_orthanc(workdir: Path, aet: str = "ORTHANC", modalities: dict[str, l
         wait_port(dicom_port, 60, proc)
         yield Orthanc(proc, http_port, dicom_port, aet)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop_process(proc, 30)
         log.close()
 
 
@@ -274,9 +273,4 @@ def running_storescp(outdir: Path, aet: str = "STORESCP", *extra: str,
         wait_port(port, 30, proc)
         yield proc, port
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop_process(proc)
