@@ -8,7 +8,6 @@ same SOP Instance UID is safe).
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -24,6 +23,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dmg_node.config import Destination, OutboxSettings
+from dmg_node.receive import tune_connection
 from dmg_node.errors import SpoolError
 from dmg_node.spool import OutboxState, Spool
 
@@ -41,15 +41,6 @@ class SendResult:
     error: str | None = None
 
 
-def _nodelay(event: Any) -> None:
-    sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
-    if sock is not None:
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass  # socket already gone; the association will report it
-
-
 def _scu(calling_aet: str, timeout: float) -> AE:
     ae = AE(ae_title=calling_aet)
     ae.acse_timeout = timeout
@@ -63,7 +54,7 @@ def echo(dest: Destination, calling_aet: str, timeout: float = 10.0) -> SendResu
     """C-ECHO *dest* (PS3.7 9.1.5) and report the outcome."""
     ae = _scu(calling_aet, timeout)
     ae.add_requested_context(Verification)
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, tune_connection)])
     if not assoc.is_established:
         return SendResult(False, "no-association", _assoc_failure(assoc))
     try:
@@ -104,7 +95,7 @@ def store_files(paths: Sequence[Path], dest: Destination, calling_aet: str, time
     ae = _scu(calling_aet, timeout)
     for uid in classes:
         ae.add_requested_context(uid, [ImplicitVRLittleEndian, ExplicitVRLittleEndian])
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, tune_connection)])
     if not assoc.is_established:
         failure = SendResult(False, "no-association", _assoc_failure(assoc))
         return [r or failure for r in results]

@@ -643,7 +643,9 @@ def test_outbox_retries_a_failing_destination_until_it_accepts(
     assert sent["attempt"] == len(script) + 1 and _row(spool, sop, "tps")["attempts"] == len(script) + 1
 
 
-def test_outbox_gives_up_after_give_up_hours_and_reports_it(spool: Spool, tmp_path: Path) -> None:
+def test_outbox_gives_up_after_give_up_hours_and_reports_it(
+    spool: Spool, tmp_path: Path, record_property: Callable[[str, object], None]
+) -> None:
     """A destination that stays down past give_up_hours: the item is marked failed with the last
     error, rtstruct_send_gave_up is logged, and status --json shows it."""
     sop, data = _rtstruct("1.2.3")
@@ -658,6 +660,7 @@ def test_outbox_gives_up_after_give_up_hours_and_reports_it(spool: Spool, tmp_pa
     cfg = node_config(tmp_path, free_port())
     [row] = _cli_status(cfg)["outbox"]
     assert row["state"] == "failed" and row["destination"] == "down" and row["last_error"]
+    record_property("attempts_before_giving_up", row["attempts"])
 
 
 def test_a_dead_destination_does_not_delay_a_live_one(spool: Spool, record_property: Callable[[str, object], None]) -> None:
