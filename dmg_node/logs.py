@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
+from pathlib import Path
 from collections.abc import MutableMapping
 from typing import Any, TextIO
 
@@ -36,6 +38,13 @@ def drop_phi(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -
     for key in PHI_KEYS.intersection(event_dict):
         del event_dict[key]
     return event_dict
+
+
+def _warning_to_log(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                    file: TextIO | None = None, line: str | None = None) -> None:
+    structlog.get_logger("py.warnings").warning(
+        "python_warning", category=category.__name__, message=str(message)[:500], module=Path(filename).name,
+        line=lineno)
 
 
 def configure(level: str = "info", fmt: str = "json", include_phi: bool = False, stream: TextIO | None = None) -> None:
@@ -70,5 +79,8 @@ def configure(level: str = "info", fmt: str = "json", include_phi: bool = False,
         logger_factory=structlog.WriteLoggerFactory(file=stream or sys.stdout),
         cache_logger_on_first_use=False,
     )
+    # Python warnings (pydicom's about odd values, say) become log events, not plain-text lines
+    # in the middle of the JSON stream.
+    warnings.showwarning = _warning_to_log
     # pynetdicom logs through the stdlib; keep its chatter at warning and below ours.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING if level != "debug" else logging.INFO)

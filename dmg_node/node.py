@@ -117,10 +117,12 @@ class Pipeline:
         for series_uid, paths in files.items():
             try:
                 ds = dcmread(paths[0], stop_before_pixels=True)
-            except (OSError, ValueError) as exc:
-                self.spool.set_series_result(series_uid, "none", f"unreadable header: {exc}")
+                header = header_from_dataset(ds, n_instances=len(paths))
+            except Exception as exc:  # noqa: BLE001 - untrusted header: one bad series must not fail the study
+                reason = f"unreadable header: {type(exc).__name__}: {exc}"[:300]
+                self.spool.set_series_result(series_uid, "none", reason)
+                log.warning("series_unreadable", series_uid=series_uid, reason=reason)
                 continue
-            header = header_from_dataset(ds, n_instances=len(paths))
             result = classify(header, self.rules)
             self.spool.set_series_result(series_uid, result.label.value, result.reason)
             log.info("series_classified", series_uid=series_uid, label=result.label.value, reason=result.reason,
@@ -271,16 +273,24 @@ class Node:
     def _assemble_loop(self) -> None:
         while not self._stop.is_set():
             a = self.settings.assembly
-            for d in due_studies(self.spool.studies(), time.time(), a.quiet_seconds, LatePolicy(a.late_policy)):
-                job_id = self.spool.enqueue(d.study_instance_uid, d.covered_until, time.time())
-                log.info("study_complete", study_uid=d.study_instance_uid, job_id=job_id, reprocess=d.late,
-                         quiet_seconds=a.quiet_seconds)
-                self._job_wake.set()
+            try:
+                for d in due_studies(self.spool.studies(), time.time(), a.quiet_seconds, LatePolicy(a.late_policy)):
+                    job_id = self.spool.enqueue(d.study_instance_uid, d.covered_until, time.time())
+                    log.info("study_complete", study_uid=d.study_instance_uid, job_id=job_id, reprocess=d.late,
+                             quiet_seconds=a.quiet_seconds)
+                    self._job_wake.set()
+            except (DmgNodeError, OSError) as exc:
+                # e.g. the index cannot be written (disk full): keep the thread, try again next poll
+                log.error("worker_error", worker="assembler", error=f"{type(exc).__name__}: {exc}")
             self._stop.wait(a.poll_seconds)
 
     def _job_loop(self) -> None:
         while not self._stop.is_set():
-            job = self.spool.claim_job(time.time())
+            try:
+                job = self.spool.claim_job(time.time())
+            except (DmgNodeError, OSError) as exc:
+                log.error("worker_error", worker="jobs", error=f"{type(exc).__name__}: {exc}")
+                job = None
             if job is None:
                 self._job_wake.wait(self.settings.assembly.poll_seconds)
                 self._job_wake.clear()
@@ -292,18 +302,22 @@ class Node:
         t0 = time.perf_counter()
         log.info("job_started", attempt=job.attempts)
         try:
-            outputs = self.pipeline.run(job)
-        except (DmgNodeError, OSError, ValueError, RuntimeError) as exc:
-            # RuntimeError covers torch failures (including CUDA OOM, a RuntimeError subclass).
-            failed = job.attempts >= self.settings.assembly.max_attempts
-            self.spool.finish_job(job.id, JobState.FAILED if failed else JobState.PENDING, time.time(),
-                                  f"{type(exc).__name__}: {exc}")
-            log.error("job_failed", error=f"{type(exc).__name__}: {exc}", attempt=job.attempts, final=failed)
-        else:
-            self.spool.finish_job(job.id, JobState.DONE, time.time())
-            log.info("job_done", rtstructs=len(outputs), duration_ms=round((time.perf_counter() - t0) * 1000))
-            for w, _stop in self._outbox.values():
-                w.wake.set()
+            try:
+                outputs = self.pipeline.run(job)
+            except (DmgNodeError, OSError, ValueError, RuntimeError) as exc:
+                # RuntimeError covers torch failures (including CUDA OOM, a RuntimeError subclass).
+                failed = job.attempts >= self.settings.assembly.max_attempts
+                self.spool.finish_job(job.id, JobState.FAILED if failed else JobState.PENDING, time.time(),
+                                      f"{type(exc).__name__}: {exc}")
+                log.error("job_failed", error=f"{type(exc).__name__}: {exc}", attempt=job.attempts, final=failed)
+            else:
+                self.spool.finish_job(job.id, JobState.DONE, time.time())
+                log.info("job_done", rtstructs=len(outputs), duration_ms=round((time.perf_counter() - t0) * 1000))
+                for w, _stop in self._outbox.values():
+                    w.wake.set()
+        except (DmgNodeError, OSError) as exc:
+            # The job's state could not be recorded: it stays "running" and is requeued at restart.
+            log.error("worker_error", worker="jobs", error=f"{type(exc).__name__}: {exc}")
         finally:
             structlog.contextvars.unbind_contextvars("job_id", "study_uid")
 

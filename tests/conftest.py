@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 
 import pytest
@@ -10,6 +11,8 @@ import structlog
 
 @pytest.fixture(autouse=True)
 def _reset_structlog() -> Iterator[None]:
-    """CLI tests configure structlog globally (level, stream); undo it so later tests see every event."""
+    """CLI tests configure structlog (and warnings) globally; undo it so later tests see every event."""
+    showwarning = warnings.showwarning
     yield
     structlog.reset_defaults()
+    warnings.showwarning = showwarning

@@ -66,7 +66,7 @@ from tests.support import (
     mr_dataset,
     node_config,
     running_node,
-    wait_port,
+    running_storescp,
     write_series,
 )
 
@@ -132,24 +132,6 @@ def _rtstruct(study_uid: str) -> tuple[str, bytes]:
     return str(ds.SOPInstanceUID), buf.getvalue()
 
 
-@contextlib.contextmanager
-def _storescp_at(port: int, outdir: Path, aet: str = "TPS") -> Iterator[subprocess.Popen[bytes]]:
-    """DCMTK storescp on a given port (support.running_storescp picks its own), unique file names."""
-    outdir.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen([DCMTK["storescp"], "-aet", aet, "+uf", "-od", str(outdir), str(port)], env=dcmtk_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_port(port, 30, proc)
-        yield proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-
-
 def _received_sops(outdir: Path) -> list[str]:
     return sorted(str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in outdir.iterdir() if p.is_file())
 
@@ -187,8 +169,9 @@ def test_kill_9_mid_association_keeps_every_acknowledged_instance_bit_identical(
         assert sop in index, f"acknowledged {path.name} is not in the index"
         stored = (spool / index[sop]).read_bytes()
         assert dataset_bytes(stored) == dataset_bytes(sent[sop].read_bytes())
+    assert not list(spool.rglob(f"*{TMP_SUFFIX}"))
     files = [p for p in (spool / "studies").rglob("*") if p.is_file()]
-    assert not [p for p in files if p.name.endswith(TMP_SUFFIX) or p.stat().st_size == 0]
+    assert not [p for p in files if p.stat().st_size == 0]
     assert len(files) == len(index), "a file on disk is not indexed (or the reverse)"
     assert reconciled["unreadable"] == 0
     for key, value in (("acknowledged", len(acknowledged)), ("indexed", len(index)),
@@ -207,7 +190,7 @@ def test_outbox_item_survives_kill_9_and_is_delivered_exactly_once(tmp_path: Pat
     spool.add_outbox(2, "1.2.3.2", "1.2.3.2.1", late_sop, late_data, ["late"], time.time())
     spool.close()
     tps_port, late_port = free_port(), free_port()
-    with _storescp_at(tps_port, tmp_path / "tps"):
+    with running_storescp(tmp_path / "tps", "TPS", "+uf", port=tps_port):
         dests = [{"name": "tps", "ae_title": "TPS", "host": LOCALHOST, "port": tps_port},
                  {"name": "late", "ae_title": "TPS", "host": LOCALHOST, "port": late_port}]
         with running_node(tmp_path, destinations=dests) as node:
@@ -217,7 +200,7 @@ def test_outbox_item_survives_kill_9_and_is_delivered_exactly_once(tmp_path: Pat
             node.proc.wait(10)
         with running_node(tmp_path, destinations=dests) as node2:
             node2.wait_event("rtstruct_send_failed", sop_uid=late_sop)  # still down after the restart
-            with _storescp_at(late_port, tmp_path / "late"):
+            with running_storescp(tmp_path / "late", "TPS", "+uf", port=late_port):
                 node2.wait_event("rtstruct_sent", sop_uid=late_sop, timeout=30)
                 time.sleep(1.0)  # several outbox polls: time for a wrong resend of either item
             assert _count(node2, "rtstruct_sent", sop_uid=sent_sop) == 0
@@ -432,7 +415,9 @@ def _small_filesystem(mountpoint: Path, size_mb: int = 8) -> Iterator[str]:
             subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True, timeout=60)
 
 
-def test_full_disk_answers_out_of_resources_then_resumes(tmp_path: Path, record_property: Callable[[str, object], None]) -> None:
+def test_full_disk_answers_out_of_resources_then_resumes(
+    tmp_path: Path, record_property: Callable[[str, object], None]
+) -> None:
     """On a really full file system every C-STORE gets Success or 0xA700 (never another status), the
     index matches the files, no partial or empty file is left, and storing resumes when space returns."""
     write_series(tmp_path / "in", 150)
@@ -663,7 +648,9 @@ def test_outbox_gives_up_after_give_up_hours_and_reports_it(
     record_property("attempts_before_giving_up", row["attempts"])
 
 
-def test_a_dead_destination_does_not_delay_a_live_one(spool: Spool, record_property: Callable[[str, object], None]) -> None:
+def test_a_dead_destination_does_not_delay_a_live_one(
+    spool: Spool, record_property: Callable[[str, object], None]
+) -> None:
     """A destination that accepts TCP but never answers holds only its own worker: the live
     destination gets its RTSTRUCT at once, while the dead one is still waiting on its timeout."""
     sop, data = _rtstruct("1.2.3")

@@ -89,6 +89,7 @@ def save_model(
     patch_size: tuple[int, int, int],
     version: str,
     intended_use: str,
+    threshold: float = 0.5,
     training: dict[str, Any] | None = None,
     metrics: dict[str, float] | None = None,
 ) -> Manifest:
@@ -107,6 +108,7 @@ def save_model(
         preprocess=preprocess,
         patch_size=patch_size,
         sha256={name: sha256_file(model_dir / name) for name in (TORCH_WEIGHTS, ONNX_WEIGHTS)},
+        threshold=threshold,
         training=training or {},
         metrics=metrics or {},
         intended_use=intended_use,

@@ -4,7 +4,8 @@ Backends behind one interface: torch (GPU, with float16 autocast; or CPU) and ON
 (CPU, the default there: about twice as fast as torch for this network). The volume is put on
 the model grid (:mod:`dmg_node.segment.preprocess`), segmented with MONAI's sliding-window
 inferer (the window is the training patch), mapped back onto the source grid, thresholded and
-cleaned up (largest connected component, holes filled, minimum volume).
+thresholded (at the manifest's calibrated threshold) and cleaned up (largest connected
+component, holes filled, minimum volume).
 """
 
 from __future__ import annotations
@@ -49,8 +50,6 @@ class PostprocessConfig:
 
     Attributes
     ----------
-    threshold
-        Probability above which a voxel is tumour.
     largest_component
         Keep only the largest 26-connected component (DMG is one lesion).
     fill_holes
@@ -59,7 +58,6 @@ class PostprocessConfig:
         A mask smaller than this is returned empty (no contour is better than a speck).
     """
 
-    threshold: float = 0.5
     largest_component: bool = True
     fill_holes: bool = True
     min_volume_mm3: float = 500.0
@@ -166,10 +164,13 @@ def sliding_window_probability(
 
 
 def postprocess(
-    probability: npt.NDArray[np.float32], spacing: tuple[float, float, float], config: PostprocessConfig
+    probability: npt.NDArray[np.float32],
+    spacing: tuple[float, float, float],
+    config: PostprocessConfig,
+    threshold: float = 0.5,
 ) -> npt.NDArray[np.bool_]:
     """Threshold, keep the largest component, fill holes and apply the minimum volume."""
-    mask: npt.NDArray[np.bool_] = probability > config.threshold
+    mask: npt.NDArray[np.bool_] = probability > threshold
     if not mask.any():
         return mask
     (box,) = ndimage.find_objects(mask.astype(np.uint8))
@@ -206,8 +207,10 @@ class Segmenter:
         flip: bool = False,
         overlap: float = 0.25,
         postprocess: PostprocessConfig | None = None,
+        threshold: float | None = None,
     ) -> None:
         self.manifest = manifest
+        self.threshold = manifest.threshold if threshold is None else threshold
         self.predictor = predictor
         self.device = device
         self.flip = flip
@@ -240,6 +243,7 @@ class Segmenter:
         flip: bool = False,
         overlap: float = 0.25,
         postprocess: PostprocessConfig | None = None,
+        threshold: float | None = None,
     ) -> Segmenter:
         """Verify and load the model in ``model_dir``.
 
@@ -259,7 +263,10 @@ class Segmenter:
         overlap
             Sliding-window overlap fraction.
         postprocess
-            Threshold, clean-up and minimum volume.
+            Clean-up and minimum volume.
+        threshold
+            Probability threshold; by default the one calibrated on the validation cases and
+            stored in the manifest.
 
         Raises
         ------
@@ -292,7 +299,8 @@ class Segmenter:
             backend=backend, device=str(torch_device), threads=threads,
         )
         return cls(
-            manifest, predictor, f"{torch_device}/{backend}", flip=flip, overlap=overlap, postprocess=postprocess
+            manifest, predictor, f"{torch_device}/{backend}", flip=flip, overlap=overlap, postprocess=postprocess,
+            threshold=threshold,
         )
 
     def probability(self, prepared: Prepared) -> npt.NDArray[np.float32]:
@@ -312,8 +320,8 @@ class Segmenter:
         start = time.perf_counter()
         prepared = prepare(volume, self.manifest.preprocess)
         probability = self.probability(prepared)
-        source = to_source(probability, prepared.affine, volume, self.postprocess.threshold)
-        mask = postprocess(source, volume.spacing, self.postprocess)
+        source = to_source(probability, prepared.affine, volume, self.threshold)
+        mask = postprocess(source, volume.spacing, self.postprocess, self.threshold)
         log.info(
             "volume_segmented", model=self.name, sequence=self.sequence, shape=list(volume.array.shape),
             voxels=int(mask.sum()), volume_ml=round(float(mask.sum()) * float(np.prod(volume.spacing)) / 1000, 2),

@@ -56,6 +56,8 @@ class Manifest:
         Training patch and sliding-window size on the model grid, (S, P, L) voxels.
     sha256
         Weights file name (relative to the folder) -> hex SHA-256.
+    threshold
+        Probability above which a voxel is tumour (calibrated on the validation cases).
     training
         Description of the training data and run (data source, phantom seeds, epochs, losses).
     metrics
@@ -72,6 +74,7 @@ class Manifest:
     preprocess: PreprocessConfig
     patch_size: tuple[int, int, int]
     sha256: dict[str, str]
+    threshold: float = 0.5
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
@@ -90,6 +93,7 @@ class Manifest:
             "preprocess": self.preprocess.to_dict(),
             "patch_size": list(self.patch_size),
             "sha256": self.sha256,
+            "threshold": self.threshold,
             "training": self.training,
             "metrics": self.metrics,
         }
@@ -121,6 +125,7 @@ class Manifest:
                 preprocess=PreprocessConfig.from_dict(data["preprocess"]),
                 patch_size=(patch[0], patch[1], patch[2]),
                 sha256={str(k): str(v) for k, v in data["sha256"].items()},
+                threshold=float(data["threshold"]),
                 training=dict(data.get("training", {})),
                 metrics={str(k): float(v) for k, v in data.get("metrics", {}).items()},
             )

@@ -230,17 +230,28 @@ def dice(pred: BoolArray, ref: BoolArray) -> float:
     return 1.0 if total == 0 else 2.0 * int(np.logical_and(pred, ref).sum()) / total
 
 
-def validate(generator: Generator, cases: list[PreparedCase], patch: tuple[int, int, int], device: torch.device) -> float:
-    """Mean Dice over whole model-grid volumes, post-processed as at inference (no minimum volume)."""
+CALIBRATION_THRESHOLDS = tuple(round(float(t), 2) for t in np.arange(0.3, 0.91, 0.05))
+
+
+def validate(
+    generator: Generator,
+    cases: list[PreparedCase],
+    patch: tuple[int, int, int],
+    device: torch.device,
+    thresholds: tuple[float, ...] = (0.5,),
+) -> dict[float, float]:
+    """Mean Dice over whole model-grid volumes, post-processed as at inference, per threshold."""
     generator.eval()
     predictor = torch_predictor(generator, device)
     clean = PostprocessConfig(min_volume_mm3=0.0)
-    scores = [
-        dice(postprocess(sliding_window_probability(predictor, c.image, patch), (1.0, 1.0, 1.0), clean), c.label > 0.5)
-        for c in cases
-    ]
+    probabilities = [sliding_window_probability(predictor, c.image, patch) for c in cases]
     generator.train()
-    return float(np.mean(scores))
+    return {
+        t: float(np.mean([
+            dice(postprocess(p, (1.0, 1.0, 1.0), clean, t), c.label > 0.5) for p, c in zip(probabilities, cases)
+        ]))
+        for t in thresholds
+    }
 
 
 def _split(cases: list[CaseSource], val_fraction: float, seed: int) -> tuple[list[CaseSource], list[CaseSource]]:
@@ -412,7 +423,7 @@ def train(
                 sums[k] += v
             bar.set_postfix(seg=f"{losses['seg']:.3f}")
         sched.step()
-        val_dice = validate(gen, val_cases, patch_size, torch_device) if val_cases else math.nan
+        val_dice = validate(gen, val_cases, patch_size, torch_device)[0.5] if val_cases else math.nan
         record = {k: round(v / steps_per_epoch, 4) for k, v in sums.items()} | {"epoch": epoch, "val_dice": round(val_dice, 4)}
         state["history"].append(record)
         state["epoch"] = epoch
@@ -431,7 +442,13 @@ def train(
         raise ModelError(f"training must run at least one epoch; time_limit_s={time_limit_s} allowed none")
     final = Generator(settings.generator)
     final.load_state_dict(state["best"])
-    metrics = {"val_dice": state["best_dice"]} if val_cases else {}
+    metrics, threshold = {}, 0.5
+    if val_cases:
+        # Patches centred on tumour half of the time bias the network towards tumour; the
+        # threshold that best undoes this on the validation cases goes into the manifest.
+        by_threshold = validate(final, val_cases, patch_size, torch.device("cpu"), CALIBRATION_THRESHOLDS)
+        threshold = max(by_threshold, key=lambda t: by_threshold[t])
+        metrics = {"val_dice": state["best_dice"], "val_dice_calibrated": by_threshold[threshold]}
     manifest = save_model(
         out_dir,
         final,
@@ -440,6 +457,7 @@ def train(
         patch_size=patch_size,
         version=version,
         intended_use=intended_use,
+        threshold=threshold,
         training={
             "data": data_description or str(data_dir),
             "init_from": origin,
@@ -454,5 +472,8 @@ def train(
         },
         metrics=metrics,
     )
-    log.info("training_finished", sequence=sequence, out_dir=str(out_dir), best_epoch=state["best_epoch"], **metrics)
+    log.info(
+        "training_finished", sequence=sequence, out_dir=str(out_dir), best_epoch=state["best_epoch"],
+        threshold=threshold, **metrics,
+    )
     return manifest
