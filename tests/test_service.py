@@ -89,3 +89,31 @@ def test_drop_folder_and_live_config_reload(tmp_path: Path) -> None:
         node.config_path.write_text(text.replace("[assembly]\n", "[assembly]\nbogus = 1\n"))
         failed = node.wait_event("config_reload_failed", timeout=30)
         assert "unknown key 'assembly.bogus'" in failed["error"]
+
+
+@pytest.mark.network
+def test_model_hot_swap(tmp_path: Path) -> None:
+    """A half-copied model is refused (the old one keeps serving); a complete new one loads without a restart."""
+    import json
+
+    models = tmp_path / "models"
+    shutil.copytree(ROOT / "models" / "demo-t2", models / "demo-t2")
+    with running_node(tmp_path / "node", models={"dir": str(models)}) as node:
+        loaded = node.wait_event("model_loaded", sequence="t2", timeout=60)
+        old_version = loaded["version"]
+        target = models / "demo-t2"
+        weights = sorted(p for p in target.iterdir() if p.name.startswith("generator"))
+        # half-copied: the weights are cut short, the manifest still lists the old sha256
+        full = {p: p.read_bytes() for p in weights}
+        for p in weights:
+            p.write_bytes(full[p][: len(full[p]) // 2])
+        failed = node.wait_event("model_reload_failed", sequence="t2", timeout=60)
+        assert failed["kept"] == old_version
+        # the complete new version: weights back, then the manifest with a new version
+        for p in weights:
+            p.write_bytes(full[p])
+        manifest = json.loads((target / "manifest.json").read_text())
+        manifest["version"] = "9.9.9-test"
+        (target / "manifest.json").write_text(json.dumps(manifest))
+        reloaded = node.wait_event("model_reloaded", sequence="t2", timeout=60)
+        assert reloaded["version"] == "9.9.9-test"
