@@ -23,7 +23,8 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian
 
 from dmg_node.fsutil import TMP_SUFFIX, atomic_write, ensure_dir
-from dmg_node.spool import InstanceRecord, Spool
+from dmg_node.errors import SpoolError
+from dmg_node.spool import Spool, instance_record
 
 log = structlog.get_logger(__name__)
 
@@ -51,7 +52,12 @@ def scan(folder: Path, spool: Spool, *, settle_seconds: float, keep_first: bool 
         except FileNotFoundError:
             continue  # moved away meanwhile
         rel = path.relative_to(folder)
-        reason = _import_one(path, spool, keep_first)
+        try:
+            reason = _import_one(path, spool, keep_first)
+        except (OSError, SpoolError) as exc:
+            # The spool cannot take it now (disk full, say): leave the file where it is and retry.
+            log.warning("import_deferred", file=str(rel), error=str(exc))
+            break
         if reason is None:
             _move(path, folder / DONE / rel)
             imported += 1
@@ -76,7 +82,13 @@ def _candidates(folder: Path) -> list[Path]:
 
 
 def _import_one(path: Path, spool: Spool, keep_first: bool) -> str | None:
-    """Store one file in the spool; return None on success, else why it was refused."""
+    """Store one file in the spool; return None on success, else why the file itself was refused.
+
+    Raises
+    ------
+    OSError, SpoolError
+        The spool could not store it (a condition of the node, not of the file).
+    """
     try:
         # force: files from old media may lack the Part 10 preamble; the UID checks below still apply
         ds = dcmread(path, force=True)
@@ -84,24 +96,17 @@ def _import_one(path: Path, spool: Spool, keep_first: bool) -> str | None:
         return f"not a readable DICOM Part 10 file: {type(exc).__name__}: {exc}"[:500]
     if "DirectoryRecordSequence" in ds:
         return "a DICOMDIR (media index), not an instance"
-    missing = [k for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
-               if not str(ds.get(k, "") or "").strip()]
-    if missing:
-        return f"missing {', '.join(missing)}"
     meta = getattr(ds, "file_meta", None)
     syntax = str(meta.TransferSyntaxUID) if meta is not None and "TransferSyntaxUID" in meta else None
-    rec = InstanceRecord(
-        sop_instance_uid=str(ds.SOPInstanceUID).strip(), series_instance_uid=str(ds.SeriesInstanceUID).strip(),
-        study_instance_uid=str(ds.StudyInstanceUID).strip(), sop_class_uid=str(ds.SOPClassUID).strip(),
-        transfer_syntax_uid=syntax or str(ExplicitVRLittleEndian),
-        calling_aet=IMPORT_AET, received_at=time.time(), modality=str(ds.get("Modality", "")),
-        series_number=str(ds.get("SeriesNumber", "")), series_description=str(ds.get("SeriesDescription", "")),
-    )
-    data = path.read_bytes() if syntax else _as_part10(ds)
     try:
-        outcome = spool.store(data, rec, keep_first=keep_first)
-    except OSError as exc:
-        return f"spool write failed: {exc}"
+        rec = instance_record(ds, transfer_syntax_uid=syntax or str(ExplicitVRLittleEndian), calling_aet=IMPORT_AET,
+                              received_at=time.time())
+    except SpoolError as exc:
+        return str(exc)
+    except Exception as exc:  # noqa: BLE001 - untrusted file: any decode failure is a refusal, not a crash
+        return f"cannot be decoded: {type(exc).__name__}: {exc}"[:500]
+    data = path.read_bytes() if syntax else _as_part10(ds)
+    outcome = spool.store(data, rec, keep_first=keep_first)  # OSError/SpoolError: the caller retries later
     log.info("instance_imported", study_uid=rec.study_instance_uid, series_uid=rec.series_instance_uid,
              sop_uid=rec.sop_instance_uid, duplicate=outcome.duplicate, late=outcome.reopened)
     return None

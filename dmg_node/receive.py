@@ -36,7 +36,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from dmg_node.config import Settings
 from dmg_node.errors import ConfigError
 from dmg_node.errors import SpoolError
-from dmg_node.spool import InstanceRecord, Spool
+from dmg_node.spool import Spool, instance_record
 
 log = structlog.get_logger(__name__)
 
@@ -273,22 +273,18 @@ class Receiver:
         fields = {"calling_aet": calling, "peer": self._peer(event),
                   "sop_uid": str(request.AffectedSOPInstanceUID or "")}
         try:
-            ds = event.dataset
-            uids = {k: str(ds.get(k, "") or "").strip() for k in
-                    ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")}
-            extras = {k: str(ds.get(k, "") or "") for k in ("Modality", "SeriesNumber", "SeriesDescription")}
+            rec = instance_record(event.dataset, transfer_syntax_uid=str(event.context.transfer_syntax),
+                                  calling_aet=calling, received_at=time.time())
+        except SpoolError as exc:
+            log.warning("store_rejected", status=f"0x{StoreStatus.MISSING_UID:04X}", reason=str(exc), **fields)
+            return StoreStatus.MISSING_UID
         except Exception as exc:  # noqa: BLE001 - any decode failure of untrusted input is a failure status
             log.warning("store_rejected", status=f"0x{StoreStatus.CANNOT_UNDERSTAND:04X}",
                         reason=f"dataset cannot be decoded: {type(exc).__name__}: {exc}"[:300], **fields)
             return StoreStatus.CANNOT_UNDERSTAND
-        missing = [k for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID") if not uids[k]]
-        if missing:
-            log.warning("store_rejected", status=f"0x{StoreStatus.MISSING_UID:04X}",
-                        reason=f"missing {', '.join(missing)}", **fields)
-            return StoreStatus.MISSING_UID
-        fields.update(study_uid=uids["StudyInstanceUID"], series_uid=uids["SeriesInstanceUID"],
-                      sop_uid=uids["SOPInstanceUID"])
-        if uids["SOPClassUID"] != request.AffectedSOPClassUID or uids["SOPInstanceUID"] != request.AffectedSOPInstanceUID:
+        fields.update(study_uid=rec.study_instance_uid, series_uid=rec.series_instance_uid,
+                      sop_uid=rec.sop_instance_uid)
+        if rec.sop_class_uid != request.AffectedSOPClassUID or rec.sop_instance_uid != request.AffectedSOPInstanceUID:
             log.warning("store_rejected", status=f"0x{StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS:04X}",
                         reason="SOP Class/Instance UID in the data set differ from the C-STORE request", **fields)
             return StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
@@ -299,14 +295,8 @@ class Receiver:
                 log.warning("store_refused_low_disk", status=f"0x{StoreStatus.OUT_OF_RESOURCES:04X}",
                             free_mb=free // _MIB, min_free_mb=storage.min_free_mb, **fields)
                 return StoreStatus.OUT_OF_RESOURCES
-            rec = InstanceRecord(
-                sop_instance_uid=uids["SOPInstanceUID"], series_instance_uid=uids["SeriesInstanceUID"],
-                study_instance_uid=uids["StudyInstanceUID"], sop_class_uid=uids["SOPClassUID"],
-                transfer_syntax_uid=str(event.context.transfer_syntax), calling_aet=calling,
-                received_at=time.time(), modality=extras["Modality"], series_number=extras["SeriesNumber"],
-                series_description=extras["SeriesDescription"],
-            )
-            outcome = self.spool.store(event.encoded_dataset(include_meta=True), rec,
+            data = event.encoded_dataset(include_meta=True)
+            outcome = self.spool.store(data, rec,
                                        keep_first=storage.duplicate_policy == "keep_first")
         except (OSError, SpoolError) as exc:
             # SpoolError: the file was written but the index is full (SQLITE_FULL) - still a full disk.
@@ -317,6 +307,6 @@ class Receiver:
                      kept="first" if not outcome.stored else "later", **fields)
         if outcome.reopened:
             log.info("late_instance", late_policy=self.settings.assembly.late_policy, **fields)
-        log.info("instance_stored", status="0x0000", size=outcome.path.stat().st_size if outcome.stored else None,
+        log.info("instance_stored", status="0x0000", size=len(data),
                  duration_ms=round((time.perf_counter() - t0) * 1000, 2), **fields)
         return StoreStatus.SUCCESS

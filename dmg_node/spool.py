@@ -131,6 +131,32 @@ class InstanceRecord:
     series_description: str = ""
 
 
+REQUIRED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+
+
+def instance_record(ds: Any, *, transfer_syntax_uid: str, calling_aet: str, received_at: float) -> InstanceRecord:
+    """The index record of a dataset (from the SCP or the drop folder).
+
+    Raises
+    ------
+    SpoolError
+        Study, Series or SOP Instance UID is missing (PS3.3 C.7.2.1, C.7.3.1, C.12.1: Type 1).
+    Exception
+        Whatever pydicom raises decoding a malformed element: callers treat that as undecodable.
+    """
+    uids = {k: str(ds.get(k, "") or "").strip() for k in (*REQUIRED_UIDS, "SOPClassUID")}
+    missing = [k for k in REQUIRED_UIDS if not uids[k]]
+    if missing:
+        raise SpoolError(f"missing {', '.join(missing)}")
+    return InstanceRecord(
+        sop_instance_uid=uids["SOPInstanceUID"], series_instance_uid=uids["SeriesInstanceUID"],
+        study_instance_uid=uids["StudyInstanceUID"], sop_class_uid=uids["SOPClassUID"],
+        transfer_syntax_uid=transfer_syntax_uid, calling_aet=calling_aet, received_at=received_at,
+        modality=str(ds.get("Modality", "") or ""), series_number=str(ds.get("SeriesNumber", "") or ""),
+        series_description=str(ds.get("SeriesDescription", "") or ""),
+    )
+
+
 @dataclass(frozen=True)
 class StoreOutcome:
     """What :meth:`Spool.store` did: ``stored`` is False when a duplicate was kept out."""
