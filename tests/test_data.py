@@ -1,4 +1,4 @@
-"""Tests for dmg_node.segment.data: NIfTI and DICOM+RTSTRUCT training-data readers.
+"""Tests for dmg_node.segment.data: NIfTI and DICOM+RTSTRUCT readers and the patch sampler.
 
 Also home of :func:`write_blob_case`, the tiny labelled NIfTI case that the segmentation tests
 (train, infer) share: an ellipsoidal "head" with a bright spherical "tumour".
@@ -12,11 +12,20 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from pydicom.uid import generate_uid
 
 from dmg_node.errors import SeriesError
 from dmg_node.rtstruct import RoiSpec, RtStructMeta, build_rtstruct, save_rtstruct
-from dmg_node.segment.data import array_volume, dicom_cases, find_cases, nifti_cases, read_nifti
+from dmg_node.segment.data import (
+    PatchSampler,
+    PreparedCase,
+    array_volume,
+    dicom_cases,
+    find_cases,
+    nifti_cases,
+    read_nifti,
+)
 from dmg_node.volume import build_volume
 from tests.support import mr_dataset
 
@@ -112,3 +121,15 @@ def test_array_volume_has_one_placeholder_uid_per_slice() -> None:
     """array_volume builds a valid Volume from a bare array and affine."""
     volume = array_volume(np.zeros((3, 4, 5)), np.eye(4), "x")
     assert volume.sop_instance_uids == ("", "", "") and volume.array.dtype == np.float32
+
+
+def test_sampler_centres_patches_on_tumour_and_is_seeded() -> None:
+    """Patches have the requested size, often contain tumour, and repeat for the same seed."""
+    image = np.zeros((40, 40, 40), np.float32)
+    label = np.zeros_like(image)
+    label[30:34, 5:9, 20:24] = 1.0
+    cases = [PreparedCase("a", image, label)]
+    x1, y1 = PatchSampler(cases, (16, 16, 16), 0.9, seed=3).batch(8)
+    x2, _ = PatchSampler(cases, (16, 16, 16), 0.9, seed=3).batch(8)
+    assert x1.shape == (8, 1, 16, 16, 16) and torch.equal(x1, x2)
+    assert int((y1.flatten(1).amax(1) > 0).sum()) >= 5

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dmg_node.errors import ModelError
-from dmg_node.segment.evaluate import evaluate, hd95
+from dmg_node.segment.evaluate import dice, evaluate, hd95
 from dmg_node.segment.export import load_generator, save_model
 from dmg_node.segment.data import array_volume
 from dmg_node.segment.infer import (
@@ -29,7 +29,6 @@ from dmg_node.segment.manifest import DEMO_USE, MANIFEST_NAME, ONNX_WEIGHTS, TOR
 from dmg_node.segment.network import Generator, GeneratorConfig
 from dmg_node.segment.phantom import PhantomCase, make_case
 from dmg_node.segment.preprocess import PreprocessConfig, prepare
-from dmg_node.segment.train import dice
 from tests.test_data import write_blob_case
 from tests.test_preprocess import TUMOUR_CENTRE, oblique_head
 

@@ -11,10 +11,11 @@ import torch
 from structlog.testing import capture_logs
 
 from dmg_node.errors import ModelError
+from dmg_node.segment.evaluate import dice
 from dmg_node.segment.manifest import ONNX_WEIGHTS, TORCH_WEIGHTS, load_manifest
 from dmg_node.segment.network import Discriminator, Generator, GeneratorConfig
 from dmg_node.segment.preprocess import PreprocessConfig
-from dmg_node.segment.train import GanStep, PatchSampler, PreparedCase, dice, train
+from dmg_node.segment.train import GanStep, train
 from tests.test_data import write_blob_case
 
 TINY = GeneratorConfig(channels=(4, 8, 8, 8, 8), aspp_dilations=(1, 2))
@@ -56,18 +57,6 @@ def test_a_few_steps_on_one_batch_lower_the_segmentation_loss(adversarial: bool)
         last = step(x, y)
     assert last["seg"] < first["seg"]
     assert ("adv" in last and "disc" in last) == adversarial
-
-
-def test_sampler_centres_patches_on_tumour_and_is_seeded() -> None:
-    """Patches have the requested size, often contain tumour, and repeat for the same seed."""
-    image = np.zeros((40, 40, 40), np.float32)
-    label = np.zeros_like(image)
-    label[30:34, 5:9, 20:24] = 1.0
-    cases = [PreparedCase("a", image, label)]
-    x1, y1 = PatchSampler(cases, (16, 16, 16), 0.9, seed=3).batch(8)
-    x2, _ = PatchSampler(cases, (16, 16, 16), 0.9, seed=3).batch(8)
-    assert x1.shape == (8, 1, 16, 16, 16) and torch.equal(x1, x2)
-    assert int((y1.flatten(1).amax(1) > 0).sum()) >= 5
 
 
 def test_train_writes_a_verified_model(first_run: Path) -> None:

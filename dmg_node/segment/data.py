@@ -1,4 +1,4 @@
-"""Training and evaluation data readers: labelled cases as (Volume, mask) pairs.
+"""Training and evaluation data: labelled cases as (Volume, mask) pairs, the cache, patches.
 
 Two layouts are read:
 
@@ -14,11 +14,16 @@ Two layouts are read:
 * **DICOM with a reference RTSTRUCT**: any folder tree holding image series of *one* sequence
   and RTSTRUCTs (PS3.3 A.19) that reference them; each RTSTRUCT makes one case from the series
   it references, and the ROIs whose name matches a pattern (``re.search``) are unioned.
+
+For training, cases are put on the model grid once and cached (:func:`load_prepared`), and
+:class:`PatchSampler` draws augmented patches from them.
 """
 
 from __future__ import annotations
 
+import io
 import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,11 +33,15 @@ import nibabel as nib
 import numpy as np
 import numpy.typing as npt
 import structlog
+import torch
 from pydicom.dataset import Dataset
+from tqdm import tqdm
 
 from dmg_node.dicomfiles import find_series, read_datasets
 from dmg_node.errors import SeriesError
+from dmg_node.fsutil import atomic_write, ensure_dir
 from dmg_node.rtstruct import read_roi_mask
+from dmg_node.segment.preprocess import PreprocessConfig, prepare
 from dmg_node.volume import Volume, build_volume
 
 log = structlog.get_logger(__name__)
@@ -41,6 +50,7 @@ NIFTI_SUFFIX = {"t1c": "t1c", "t2": "t2w", "flair": "t2f"}
 LABEL_SUFFIX = "seg"
 DEFAULT_ROI_PATTERN = r"(?i)gtv|tumou?r|dmg"
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+FloatArray = npt.NDArray[np.float32]
 
 
 @dataclass(frozen=True)
@@ -207,3 +217,80 @@ def find_cases(data_dir: Path, sequence: str, roi_pattern: str = DEFAULT_ROI_PAT
             f"{NIFTI_SUFFIX[sequence]}.nii.gz + -seg.nii.gz, or DICOM series with an RTSTRUCT); found none"
         )
     return cases
+
+
+@dataclass(frozen=True)
+class PreparedCase:
+    """A case on the model grid, as cached: z-scored image and tumour fraction (0..1)."""
+
+    case_id: str
+    image: FloatArray
+    label: FloatArray
+
+
+def load_prepared(cases: list[CaseSource], config: PreprocessConfig, cache_dir: Path) -> list[PreparedCase]:
+    """Preprocess each case onto the model grid, reusing ``cache_dir/<case>.npz`` when present.
+
+    The cache folder name should carry a hash of ``config`` (see :func:`train`), so changed
+    preprocessing never reads stale files.
+    """
+    ensure_dir(cache_dir)
+    out = []
+    for source in tqdm(cases, desc="preprocess", disable=not sys.stderr.isatty(), leave=False):
+        path = cache_dir / f"{source.case_id}.npz"
+        if path.is_file():
+            with np.load(path) as npz:
+                image, label = npz["image"].astype(np.float32), npz["label"].astype(np.float32) / 255
+        else:
+            case = source.load()
+            prepared = prepare(case.image, config, case.label)
+            assert prepared.label is not None
+            image, label = prepared.image, prepared.label
+            buffer = io.BytesIO()
+            np.savez(buffer, image=image.astype(np.float16), label=np.round(label * 255).astype(np.uint8))
+            atomic_write(path, buffer.getvalue(), sync=False)
+        out.append(PreparedCase(source.case_id, image, label))
+    return out
+
+
+class PatchSampler:
+    """Random training patches with augmentation, reproducible from its numpy Generator."""
+
+    def __init__(self, cases: list[PreparedCase], patch: tuple[int, int, int], pos_fraction: float, seed: int) -> None:
+        self.cases = cases
+        self.patch = np.array(patch)
+        self.pos_fraction = pos_fraction
+        self.rng = np.random.default_rng(seed)
+        self.tumour = [np.argwhere(c.label > 0.5) for c in cases]
+
+    def _one(self) -> tuple[FloatArray, FloatArray]:
+        index = int(self.rng.integers(len(self.cases)))
+        case, tumour = self.cases[index], self.tumour[index]
+        shape = np.array(case.image.shape)
+        if len(tumour) and self.rng.random() < self.pos_fraction:
+            centre = tumour[int(self.rng.integers(len(tumour)))]
+        else:
+            # Somewhere in the head: the crop still holds much air, which teaches little.
+            floor = float(case.image.min()) + 0.5
+            for _ in range(20):
+                centre = np.array([self.rng.integers(n) for n in shape])
+                if case.image[tuple(centre)] > floor:
+                    break
+        start = np.clip(centre - self.patch // 2, 0, np.maximum(shape - self.patch, 0))
+        sl = tuple(slice(int(a), int(a + p)) for a, p in zip(start, self.patch))
+        pads = [(0, int(max(0, p - n))) for p, n in zip(self.patch, shape)]
+        image = np.pad(case.image[sl], pads, constant_values=float(case.image.min()))
+        label = np.pad(case.label[sl], pads)
+        if self.rng.random() < 0.5:  # left-right mirror: the last axis of the canonical grid is L
+            image, label = image[..., ::-1], label[..., ::-1]
+        image = image * np.float32(self.rng.uniform(0.85, 1.15)) + np.float32(self.rng.uniform(-0.15, 0.15))
+        if self.rng.random() < 0.3:
+            image = image + self.rng.normal(0.0, self.rng.uniform(0.0, 0.1), image.shape).astype(np.float32)
+        return image.astype(np.float32), np.ascontiguousarray(label)
+
+    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``size`` patches as (N, 1, S, P, L) image and label tensors."""
+        pairs = [self._one() for _ in range(size)]
+        images = torch.from_numpy(np.stack([p[0] for p in pairs]))[:, None]
+        labels = torch.from_numpy(np.stack([p[1] for p in pairs]))[:, None]
+        return images, labels

@@ -24,7 +24,6 @@ from scipy import ndimage
 from dmg_node.fsutil import atomic_write, ensure_dir
 from dmg_node.segment.data import DEFAULT_ROI_PATTERN, find_cases
 from dmg_node.segment.infer import Segmenter
-from dmg_node.segment.train import dice
 
 log = structlog.get_logger(__name__)
 
@@ -53,6 +52,12 @@ class Evaluation:
     sequence: str
     cases: tuple[CaseResult, ...]
     summary: dict[str, dict[str, float]]
+
+
+def dice(pred: npt.NDArray[np.bool_], ref: npt.NDArray[np.bool_]) -> float:
+    """Dice coefficient; 1.0 when both masks are empty."""
+    total = int(pred.sum()) + int(ref.sum())
+    return 1.0 if total == 0 else 2.0 * int(np.logical_and(pred, ref).sum()) / total
 
 
 def hd95(pred: npt.NDArray[np.bool_], ref: npt.NDArray[np.bool_], spacing: tuple[float, float, float]) -> float:

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 import structlog
 import torch
 from monai.losses.adversarial_loss import PatchAdversarialLoss
@@ -33,8 +32,16 @@ from monai.losses.dice import DiceCELoss
 from tqdm import tqdm
 
 from dmg_node.errors import ModelError
-from dmg_node.fsutil import atomic_write, ensure_dir
-from dmg_node.segment.data import DEFAULT_ROI_PATTERN, CaseSource, find_cases
+from dmg_node.fsutil import atomic_write
+from dmg_node.segment.data import (
+    DEFAULT_ROI_PATTERN,
+    CaseSource,
+    PatchSampler,
+    PreparedCase,
+    find_cases,
+    load_prepared,
+)
+from dmg_node.segment.evaluate import dice
 from dmg_node.segment.export import load_generator, save_model
 from dmg_node.segment.infer import (
     PostprocessConfig,
@@ -45,14 +52,12 @@ from dmg_node.segment.infer import (
 )
 from dmg_node.segment.manifest import RESEARCH_USE, SEQUENCES, TORCH_WEIGHTS, Manifest, load_manifest
 from dmg_node.segment.network import Discriminator, Generator, GeneratorConfig, count_parameters
-from dmg_node.segment.preprocess import PreprocessConfig, prepare
+from dmg_node.segment.preprocess import PreprocessConfig
 
 log = structlog.get_logger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 ADV_CRITERIA = ("least_squares", "bce", "hinge")
-FloatArray = npt.NDArray[np.float32]
-BoolArray = npt.NDArray[np.bool_]
 
 
 @dataclass(frozen=True)
@@ -86,83 +91,6 @@ class TrainSettings:
         data["generator"] = self.generator.to_dict()
         data["preprocess"] = self.preprocess.to_dict()
         return data
-
-
-@dataclass(frozen=True)
-class PreparedCase:
-    """A case on the model grid, as cached: z-scored image and tumour fraction (0..1)."""
-
-    case_id: str
-    image: FloatArray
-    label: FloatArray
-
-
-def load_prepared(cases: list[CaseSource], config: PreprocessConfig, cache_dir: Path) -> list[PreparedCase]:
-    """Preprocess each case onto the model grid, reusing ``cache_dir/<case>.npz`` when present.
-
-    The cache folder name should carry a hash of ``config`` (see :func:`train`), so changed
-    preprocessing never reads stale files.
-    """
-    ensure_dir(cache_dir)
-    out = []
-    for source in tqdm(cases, desc="preprocess", disable=not sys.stderr.isatty(), leave=False):
-        path = cache_dir / f"{source.case_id}.npz"
-        if path.is_file():
-            with np.load(path) as npz:
-                image, label = npz["image"].astype(np.float32), npz["label"].astype(np.float32) / 255
-        else:
-            case = source.load()
-            prepared = prepare(case.image, config, case.label)
-            assert prepared.label is not None
-            image, label = prepared.image, prepared.label
-            buffer = io.BytesIO()
-            np.savez(buffer, image=image.astype(np.float16), label=np.round(label * 255).astype(np.uint8))
-            atomic_write(path, buffer.getvalue(), sync=False)
-        out.append(PreparedCase(source.case_id, image, label))
-    return out
-
-
-class PatchSampler:
-    """Random training patches with augmentation, reproducible from its numpy Generator."""
-
-    def __init__(self, cases: list[PreparedCase], patch: tuple[int, int, int], pos_fraction: float, seed: int) -> None:
-        self.cases = cases
-        self.patch = np.array(patch)
-        self.pos_fraction = pos_fraction
-        self.rng = np.random.default_rng(seed)
-        self.tumour = [np.argwhere(c.label > 0.5) for c in cases]
-
-    def _one(self) -> tuple[FloatArray, FloatArray]:
-        index = int(self.rng.integers(len(self.cases)))
-        case, tumour = self.cases[index], self.tumour[index]
-        shape = np.array(case.image.shape)
-        if len(tumour) and self.rng.random() < self.pos_fraction:
-            centre = tumour[int(self.rng.integers(len(tumour)))]
-        else:
-            # Somewhere in the head: the crop still holds much air, which teaches little.
-            floor = float(case.image.min()) + 0.5
-            for _ in range(20):
-                centre = np.array([self.rng.integers(n) for n in shape])
-                if case.image[tuple(centre)] > floor:
-                    break
-        start = np.clip(centre - self.patch // 2, 0, np.maximum(shape - self.patch, 0))
-        sl = tuple(slice(int(a), int(a + p)) for a, p in zip(start, self.patch))
-        pads = [(0, int(max(0, p - n))) for p, n in zip(self.patch, shape)]
-        image = np.pad(case.image[sl], pads, constant_values=float(case.image.min()))
-        label = np.pad(case.label[sl], pads)
-        if self.rng.random() < 0.5:  # left-right mirror: the last axis of the canonical grid is L
-            image, label = image[..., ::-1], label[..., ::-1]
-        image = image * np.float32(self.rng.uniform(0.85, 1.15)) + np.float32(self.rng.uniform(-0.15, 0.15))
-        if self.rng.random() < 0.3:
-            image = image + self.rng.normal(0.0, self.rng.uniform(0.0, 0.1), image.shape).astype(np.float32)
-        return image.astype(np.float32), np.ascontiguousarray(label)
-
-    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``size`` patches as (N, 1, S, P, L) image and label tensors."""
-        pairs = [self._one() for _ in range(size)]
-        images = torch.from_numpy(np.stack([p[0] for p in pairs]))[:, None]
-        labels = torch.from_numpy(np.stack([p[1] for p in pairs]))[:, None]
-        return images, labels
 
 
 class GanStep:
@@ -222,12 +150,6 @@ class GanStep:
             self.opt_d.step()
             losses["disc"] = loss_d.item()
         return losses
-
-
-def dice(pred: BoolArray, ref: BoolArray) -> float:
-    """Dice coefficient; 1.0 when both masks are empty."""
-    total = int(pred.sum()) + int(ref.sum())
-    return 1.0 if total == 0 else 2.0 * int(np.logical_and(pred, ref).sum()) / total
 
 
 CALIBRATION_THRESHOLDS = tuple(round(float(t), 2) for t in np.arange(0.3, 0.91, 0.05))
@@ -325,7 +247,8 @@ def train(
         Regular expression (``re.search``) choosing RTSTRUCT ROIs for DICOM data.
     init_from
         A model folder (same network configuration, any sequence) whose generator weights
-        start the training (fine-tuning), instead of a random initialisation.
+        start the training (fine-tuning) instead of a random initialisation; a checkpoint
+        being resumed takes precedence.
     work_dir
         Cache and checkpoint folder (default ``out_dir/work``; not part of the model).
     time_limit_s
