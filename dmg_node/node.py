@@ -95,8 +95,7 @@ def load_model(settings: Settings, label: Label) -> SegmenterLike | None:
     except ModelError as exc:
         log.error("model_unavailable", sequence=label.value, model_dir=str(folder), error=str(exc))
         return None
-    log.info("model_loaded", sequence=label.value, model=model.name, version=model.version, device=str(model.device))
-    return model
+    return model  # Segmenter.load logs model_loaded (with backend and threads)
 
 
 def load_models(settings: Settings) -> dict[Label, SegmenterLike]:
