@@ -238,9 +238,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from dmg_node.demo import format_rows, run_demo
 
     settings = _settings(args)
+    if not args.verbose:  # a first look: progress lines and warnings, not every instance's JSON line
+        logs.configure("warning", "console", stream=sys.stderr)
     print("dmg-node demo: phantom study -> node -> TPS stand-in (synthetic data, demo weights)", file=sys.stderr)
-    rows = run_demo(settings, seed=args.seed, keep=Path(args.keep) if args.keep else None)
+    t0 = time.monotonic()
+    rows = run_demo(settings, seed=args.seed, keep=Path(args.keep) if args.keep else None,
+                    progress=lambda msg: print(f"  [{time.monotonic() - t0:5.1f} s] {msg}", file=sys.stderr))
     print(format_rows(rows))
+    print("Phantom data and phantom-trained weights: these figures say nothing about clinical accuracy.")
     if not rows:
         print("no RTSTRUCT reached the TPS stand-in (see the log above)", file=sys.stderr)
         return EXIT_FAILURE

@@ -12,7 +12,7 @@ import dataclasses
 import socket
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,12 +73,14 @@ def tps_stand_in(folder: Path, ae_title: str = "DEMO_TPS") -> Iterator[Destinati
         server.shutdown()
 
 
-def run_demo(settings: Settings, *, seed: int = 4242, timeout_s: float = 900.0, keep: Path | None = None) -> list[DemoRow]:
+def run_demo(settings: Settings, *, seed: int = 4242, timeout_s: float = 900.0, keep: Path | None = None,
+             progress: Callable[[str], None] = lambda _msg: None) -> list[DemoRow]:
     """Run the loop once and return one row per RTSTRUCT that reached the TPS stand-in."""
     from dmg_node.segment.phantom import make_case, write_dicom_study
 
     with tempfile.TemporaryDirectory(prefix="dmg-demo-") as tmp:
         work = keep or Path(tmp)
+        progress(f"writing a phantom MR study (seed {seed}: T2, FLAIR, T1C) ...")
         study = write_dicom_study(make_case(seed), work / "study", seed=seed)
         with tps_stand_in(work / "tps") as tps:
             node_settings = dataclasses.replace(
@@ -91,6 +93,8 @@ def run_demo(settings: Settings, *, seed: int = 4242, timeout_s: float = 900.0, 
             )
             node = Node(node_settings)
             node.start()
+            progress(f"node {node_settings.node.ae_title} listening on 127.0.0.1:{node.receiver.port}; "
+                     f"TPS stand-in {tps.ae_title} on 127.0.0.1:{tps.port}")
             try:
                 me = Destination("node", node_settings.node.ae_title, "127.0.0.1", node.receiver.port)
                 files = sorted(p for s in study.series for p in (study.study_dir / s.folder).glob("*.dcm"))
@@ -99,6 +103,8 @@ def run_demo(settings: Settings, *, seed: int = 4242, timeout_s: float = 900.0, 
                 if failed:
                     raise RuntimeError(f"{len(failed)} of {len(files)} instances were refused: {failed[0]}")
                 log.info("demo_study_sent", instances=len(files))
+                progress(f"sent {len(files)} instances; waiting for the quiet period, segmentation and the "
+                         "RTSTRUCTs ...")
                 expected = len(study.series)
                 deadline = time.monotonic() + timeout_s
                 while len(list((work / "tps").glob("*.dcm"))) < expected and time.monotonic() < deadline:

@@ -132,3 +132,15 @@ def test_tps_down_at_first_still_gets_the_rtstruct(tmp_path: Path, study: StudyM
             assert sent["attempt"] >= 2
             received = _wait_files(tmp_path / "tps", 1, timeout=30, node=node)
     assert len(received) == 1
+
+
+def test_demo_command_reports_each_routed_sequence() -> None:
+    """`dmg-node demo` runs the loop on this machine and prints one Dice row per sequence with a model."""
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "dmg_node.cli", "demo"], capture_output=True, text=True, timeout=600,
+                       cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| ") and "GTV_DMG_AI_" in line]
+    assert len(rows) == len([s for s in ("t1c", "t2", "flair") if (models_dir() / f"demo-{s}").is_dir()])
+    assert "nothing about clinical accuracy" in r.stdout
