@@ -201,9 +201,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
     from dmg_node.classify import Label, classify, compile_rules, header_from_dataset
     from dmg_node.dicomfiles import find_series, read_datasets
-    from dmg_node.node import contour_series
+    from dmg_node.node import contour_series, load_model
     from dmg_node.rtstruct import save_rtstruct
-    from dmg_node.segment.infer import Segmenter
 
     settings = _settings(args)
     series = find_series(Path(args.series_dir))
@@ -221,8 +220,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
     if label is Label.NONE:
         print(f"series {uid} is not a t1c/t2/flair series ({reason}); use --sequence to override", file=sys.stderr)
         return EXIT_FAILURE
-    model = Segmenter.load(settings.models.dir / str(getattr(settings.models, label.value)),
-                           device=settings.models.device)
+    model = load_model(settings, label)
+    if model is None:
+        print(f"no usable {label.value} model under {settings.models.dir} (see the error above)", file=sys.stderr)
+        return EXIT_FAILURE
     contour = contour_series(read_datasets(paths), label, model, settings.rtstruct)
     if contour.dataset is None:
         print(f"no tumour found in series {uid} ({label.value}); nothing written")

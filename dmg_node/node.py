@@ -87,11 +87,13 @@ def folder_signature(folder: Path) -> tuple[tuple[str, int, int], ...]:
 
 def load_model(settings: Settings, label: Label) -> SegmenterLike | None:
     """Load one sequence's model; a missing or invalid one is logged and None returned."""
-    from dmg_node.segment.infer import Segmenter  # torch import is slow: only when serving
+    from dmg_node.segment.infer import PostprocessConfig, Segmenter  # torch import is slow: only when serving
 
     folder = model_dir(settings, label)
     try:
-        model: SegmenterLike = Segmenter.load(folder, device=settings.models.device)
+        model: SegmenterLike = Segmenter.load(
+            folder, device=settings.models.device,
+            postprocess=PostprocessConfig(min_volume_mm3=settings.rtstruct.min_volume_mm3))
     except ModelError as exc:
         log.error("model_unavailable", sequence=label.value, model_dir=str(folder), error=str(exc))
         return None

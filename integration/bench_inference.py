@@ -48,7 +48,6 @@ def make_volumes(folder: Path) -> None:
 
 def worker(volume_file: Path, backend: str, models: Path, repeats: int) -> None:
     """Run in a child process: load, warm up, time ``repeats`` predictions, print JSON."""
-    from dmg_node.logs import configure
     from dmg_node.segment.data import array_volume
     from dmg_node.segment.export import save_model
     from dmg_node.segment.infer import Segmenter
@@ -56,7 +55,6 @@ def worker(volume_file: Path, backend: str, models: Path, repeats: int) -> None:
     from dmg_node.segment.network import Generator
     from dmg_node.segment.preprocess import PreprocessConfig
 
-    configure(level="warning", stream=sys.stderr)
     with np.load(volume_file) as npz:
         volume = array_volume(npz["array"], npz["affine"])
         sequence = str(npz["sequence"])
@@ -84,6 +82,9 @@ def main() -> None:
     parser.add_argument("--models", type=Path, default=Path("models"))
     parser.add_argument("--worker", nargs=2, metavar=("VOLUME_NPZ", "BACKEND"))
     args = parser.parse_args()
+    from dmg_node.logs import configure
+
+    configure(level="warning", stream=sys.stderr)
     if args.worker:
         worker(Path(args.worker[0]), args.worker[1], args.models, args.repeats)
         return

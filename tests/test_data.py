@@ -98,7 +98,7 @@ def test_label_on_another_grid_is_refused(tmp_path: Path) -> None:
 
 
 def test_dicom_series_with_rtstruct_becomes_a_case(tmp_path: Path) -> None:
-    """An RTSTRUCT's matching ROIs are rasterised onto the series it references."""
+    """An RTSTRUCT's matching ROIs are rasterised onto the referenced series, if of the sequence."""
     study, series = generate_uid(), generate_uid()
     datasets = [mr_dataset(study, series, k, rows=32, cols=32) for k in range(6)]
     for ds in datasets:
@@ -109,12 +109,13 @@ def test_dicom_series_with_rtstruct_becomes_a_case(tmp_path: Path) -> None:
     meta = RtStructMeta(generate_uid(), generate_uid(), datetime.datetime(2026, 1, 1, 12, 0))
     rt = build_rtstruct(datasets, volume, mask, RoiSpec("GTV_DMG", (255, 0, 0), "test"), meta)
     save_rtstruct(rt, tmp_path / "rt.dcm")
-    (case,) = dicom_cases(tmp_path, roi_pattern=r"GTV")
+    assert dicom_cases(tmp_path, "t1c", roi_pattern=r"GTV") == []
+    (case,) = dicom_cases(tmp_path, "t2", roi_pattern=r"GTV")
     loaded = case.load()
     assert loaded.image.series_instance_uid == series
     np.testing.assert_array_equal(loaded.label, mask)
     with pytest.raises(SeriesError, match="no ROI matching"):
-        dicom_cases(tmp_path, roi_pattern=r"^CTV")[0].load()
+        dicom_cases(tmp_path, "t2", roi_pattern=r"^CTV")[0].load()
 
 
 def test_array_volume_has_one_placeholder_uid_per_slice() -> None:

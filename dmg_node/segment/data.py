@@ -11,9 +11,10 @@ Two layouts are read:
 
   NIfTI affines map (i, j, k) to RAS; the Volume convention is LPS with the array in
   (k, j, i) order, so the array is transposed and the first two affine rows negated.
-* **DICOM with a reference RTSTRUCT**: any folder tree holding image series of *one* sequence
-  and RTSTRUCTs (PS3.3 A.19) that reference them; each RTSTRUCT makes one case from the series
-  it references, and the ROIs whose name matches a pattern (``re.search``) are unioned.
+* **DICOM with a reference RTSTRUCT**: any folder tree of image series and RTSTRUCTs (PS3.3
+  A.19) that reference them; each RTSTRUCT makes one case from the series it references when
+  :mod:`dmg_node.classify` labels that series with the wanted sequence, and the ROIs whose name
+  matches a pattern (``re.search``) are unioned.
 
 For training, cases are put on the model grid once and cached (:func:`load_prepared`), and
 :class:`PatchSampler` draws augmented patches from them.
@@ -37,6 +38,7 @@ import torch
 from pydicom.dataset import Dataset
 from tqdm import tqdm
 
+from dmg_node.classify import classify, compile_rules, header_from_dataset
 from dmg_node.dicomfiles import find_series, read_datasets
 from dmg_node.errors import SeriesError
 from dmg_node.fsutil import atomic_write, ensure_dir
@@ -180,9 +182,13 @@ class DicomCase:
         return Case(self.case_id, volume, mask)
 
 
-def dicom_cases(data_dir: Path, roi_pattern: str = DEFAULT_ROI_PATTERN) -> list[DicomCase]:
-    """One case per RTSTRUCT under ``data_dir`` whose referenced series is also there."""
+def dicom_cases(data_dir: Path, sequence: str, roi_pattern: str = DEFAULT_ROI_PATTERN) -> list[DicomCase]:
+    """One case per RTSTRUCT under ``data_dir`` whose referenced series is there and is ``sequence``.
+
+    The sequence is the node's own classification of the referenced series (default rules).
+    """
     series = find_series(data_dir)
+    rules = compile_rules()
     cases = []
     for files in series.values():
         (first,) = read_datasets(files[:1])
@@ -193,6 +199,11 @@ def dicom_cases(data_dir: Path, roi_pattern: str = DEFAULT_ROI_PATTERN) -> list[
             ref = _referenced_series_uid(rtstruct)
             if ref not in series:
                 log.warning("rtstruct_series_missing", rtstruct=str(path), series_uid=ref)
+                continue
+            (image,) = read_datasets(series[ref][:1])
+            label = classify(header_from_dataset(image, len(series[ref])), rules).label
+            if label != sequence:
+                log.debug("rtstruct_series_other_sequence", rtstruct=str(path), label=str(label), wanted=sequence)
                 continue
             cases.append(DicomCase(path.stem, tuple(series[ref]), path, roi_pattern))
     return sorted(cases, key=lambda c: c.case_id)
@@ -210,7 +221,7 @@ def find_cases(data_dir: Path, sequence: str, roi_pattern: str = DEFAULT_ROI_PAT
         raise SeriesError(f"training data must be a folder; found {data_dir}")
     cases: Sequence[CaseSource] = nifti_cases(data_dir, sequence)
     if not cases:
-        cases = dicom_cases(data_dir, roi_pattern)
+        cases = dicom_cases(data_dir, sequence, roi_pattern)
     if not cases:
         raise SeriesError(
             f"{data_dir} must hold labelled cases for {sequence!r} (NIfTI <CASE>/<CASE>-"
@@ -270,8 +281,9 @@ class PatchSampler:
         if len(tumour) and self.rng.random() < self.pos_fraction:
             centre = tumour[int(self.rng.integers(len(tumour)))]
         else:
-            # Somewhere in the head: the crop still holds much air, which teaches little.
-            floor = float(case.image.min()) + 0.5
+            # Half of the other patches anywhere (air included), half inside the head, where
+            # the look-alikes of tumour are.
+            floor = float(case.image.min()) + 0.5 if self.rng.random() < 0.5 else -np.inf
             for _ in range(20):
                 centre = np.array([self.rng.integers(n) for n in shape])
                 if case.image[tuple(centre)] > floor:

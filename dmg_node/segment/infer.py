@@ -3,9 +3,9 @@
 Backends behind one interface: torch (GPU, with float16 autocast; or CPU) and ONNX Runtime
 (CPU, the default there: about twice as fast as torch for this network). The volume is put on
 the model grid (:mod:`dmg_node.segment.preprocess`), segmented with MONAI's sliding-window
-inferer (the window is the training patch), mapped back onto the source grid, thresholded and
-thresholded (at the manifest's calibrated threshold) and cleaned up (largest connected
-component, holes filled, minimum volume).
+inferer (the window is the training patch), set to 0 outside the head less a skin margin,
+mapped back onto the source grid, thresholded (at the manifest's calibrated threshold) and cleaned up (largest
+connected component, holes filled, minimum volume).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from scipy import ndimage
 from dmg_node.errors import ModelError
 from dmg_node.segment.export import INPUT_NAME, load_generator
 from dmg_node.segment.manifest import ONNX_WEIGHTS, TORCH_WEIGHTS, Manifest, load_manifest
-from dmg_node.segment.preprocess import Prepared, prepare, to_source
+from dmg_node.segment.preprocess import Prepared, head_mask, prepare, to_source
 from dmg_node.volume import Volume
 
 log = structlog.get_logger(__name__)
@@ -50,6 +50,9 @@ class PostprocessConfig:
 
     Attributes
     ----------
+    skin_margin_mm
+        Probabilities within this distance of the head's surface are set to 0 (the tumour is
+        deep midline; scalp and skull are not).
     largest_component
         Keep only the largest 26-connected component (DMG is one lesion).
     fill_holes
@@ -58,9 +61,10 @@ class PostprocessConfig:
         A mask smaller than this is returned empty (no contour is better than a speck).
     """
 
+    skin_margin_mm: float = 10.0
     largest_component: bool = True
     fill_holes: bool = True
-    min_volume_mm3: float = 500.0
+    min_volume_mm3: float = 100.0
 
 
 def physical_cores() -> int:
@@ -161,6 +165,21 @@ def sliding_window_probability(
         total += torch.flip(prob, dims=(4,)) if n else prob
     result: npt.NDArray[np.float32] = (total / len(views))[0, 0].numpy()
     return result
+
+
+def restrict_to_head(
+    probability: npt.NDArray[np.float32], image: npt.NDArray[np.float32], margin_voxels: int
+) -> npt.NDArray[np.float32]:
+    """Zero the probability outside the head of the model-grid ``image`` shrunk by a margin.
+
+    A midline glioma lies deep in the brain, centimetres from the skin; this removes false
+    positives in air, scalp and skull (the head mask includes them).
+    """
+    head = head_mask(image)
+    if margin_voxels:
+        head = ndimage.binary_erosion(head, iterations=margin_voxels)
+    out: npt.NDArray[np.float32] = np.where(head, probability, np.float32(0.0))
+    return out
 
 
 def postprocess(
@@ -304,10 +323,12 @@ class Segmenter:
         )
 
     def probability(self, prepared: Prepared) -> npt.NDArray[np.float32]:
-        """Tumour probability on the model grid for an already prepared image."""
-        return sliding_window_probability(
+        """Tumour probability on the model grid for an already prepared image (0 outside the head)."""
+        probability = sliding_window_probability(
             self.predictor, prepared.image, self.manifest.patch_size, overlap=self.overlap, flip=self.flip
         )
+        margin = int(round(self.postprocess.skin_margin_mm / self.manifest.preprocess.spacing_mm))
+        return restrict_to_head(probability, prepared.image, margin)
 
     def predict(self, volume: Volume) -> npt.NDArray[np.bool_]:
         """Segment ``volume``; the mask has ``volume.array``'s shape and lies on its grid.

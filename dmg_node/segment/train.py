@@ -47,6 +47,7 @@ from dmg_node.segment.infer import (
     PostprocessConfig,
     postprocess,
     resolve_device,
+    restrict_to_head,
     sliding_window_probability,
     torch_predictor,
 )
@@ -152,7 +153,7 @@ class GanStep:
         return losses
 
 
-CALIBRATION_THRESHOLDS = tuple(round(float(t), 2) for t in np.arange(0.3, 0.91, 0.05))
+CALIBRATION_THRESHOLDS = tuple(round(float(t), 2) for t in np.arange(0.1, 0.91, 0.05))
 
 
 def validate(
@@ -160,13 +161,17 @@ def validate(
     cases: list[PreparedCase],
     patch: tuple[int, int, int],
     device: torch.device,
+    spacing_mm: float,
     thresholds: tuple[float, ...] = (0.5,),
 ) -> dict[float, float]:
     """Mean Dice over whole model-grid volumes, post-processed as at inference, per threshold."""
     generator.eval()
     predictor = torch_predictor(generator, device)
     clean = PostprocessConfig(min_volume_mm3=0.0)
-    probabilities = [sliding_window_probability(predictor, c.image, patch) for c in cases]
+    margin = int(round(clean.skin_margin_mm / spacing_mm))
+    probabilities = [
+        restrict_to_head(sliding_window_probability(predictor, c.image, patch), c.image, margin) for c in cases
+    ]
     generator.train()
     return {
         t: float(np.mean([
@@ -346,7 +351,7 @@ def train(
                 sums[k] += v
             bar.set_postfix(seg=f"{losses['seg']:.3f}")
         sched.step()
-        val_dice = validate(gen, val_cases, patch_size, torch_device)[0.5] if val_cases else math.nan
+        val_dice = validate(gen, val_cases, patch_size, torch_device, settings.preprocess.spacing_mm)[0.5] if val_cases else math.nan
         record = {k: round(v / steps_per_epoch, 4) for k, v in sums.items()} | {"epoch": epoch, "val_dice": round(val_dice, 4)}
         state["history"].append(record)
         state["epoch"] = epoch
@@ -369,7 +374,9 @@ def train(
     if val_cases:
         # Patches centred on tumour half of the time bias the network towards tumour; the
         # threshold that best undoes this on the validation cases goes into the manifest.
-        by_threshold = validate(final, val_cases, patch_size, torch.device("cpu"), CALIBRATION_THRESHOLDS)
+        by_threshold = validate(
+            final, val_cases, patch_size, torch.device("cpu"), settings.preprocess.spacing_mm, CALIBRATION_THRESHOLDS
+        )
         threshold = max(by_threshold, key=lambda t: by_threshold[t])
         metrics = {"val_dice": state["best_dice"], "val_dice_calibrated": by_threshold[threshold]}
     manifest = save_model(
