@@ -191,8 +191,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     logs.configure("info", "console", stream=sys.stderr)
     report_dir = Path(args.report) if args.report else Path(args.model) / "evaluation"
-    evaluate(Path(args.model), Path(args.data), report_dir, device=args.device)
-    print(f"report: {report_dir / 'report.md'}")
+    result = evaluate(Path(args.model), Path(args.data), report_dir, device=args.device)
+    print(f"{'case':24} {'Dice':>6} {'HD95 mm':>8} {'ref ml':>7} {'model ml':>8} {'vol err %':>9}")
+    for r in result.cases:
+        print(f"{r.case_id:24} {r.dice:6.3f} {r.hd95_mm:8.1f} {r.reference_ml:7.1f} {r.predicted_ml:8.1f} "
+              f"{r.volume_error_pct:9.1f}")
+    for name, s in result.summary.items():
+        print(f"{name}: median {s['median']:.3f} (IQR {s['q1']:.3f}-{s['q3']:.3f}, n={int(s['n'])})")
+    print(f"report with overlays: {report_dir / 'report.md'}")
     return EXIT_OK
 
 
