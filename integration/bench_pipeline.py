@@ -47,7 +47,7 @@ def one_run(work: Path, study_dir: Path, quiet: float, expected: int) -> dict[st
     last_rx = max(_ts(e) for e in ev if e["event"] == "instance_stored")
     complete = _ts(next(e for e in ev if e["event"] == "study_complete"))
     started = _ts(next(e for e in ev if e["event"] == "job_started"))
-    chosen = max(_ts(e) for e in ev if e["event"] == "series_chosen")
+    chosen = min(_ts(e) for e in ev if e["event"] == "series_chosen")  # classification done
     segment_ms = sum(e["duration_ms"] for e in ev if e["event"] == "series_segmented")
     written = max(_ts(e) for e in ev if e["event"] == "rtstruct_written")
     done = _ts(next(e for e in ev if e["event"] == "job_done"))
@@ -55,9 +55,9 @@ def one_run(work: Path, study_dir: Path, quiet: float, expected: int) -> dict[st
     return {
         "quiet period (config)": complete - last_rx,
         "queue": started - complete,
-        "classify": chosen - started,
-        "segment (model)": segment_ms / 1000,
-        "volumes + RTSTRUCTs": (written - chosen) - segment_ms / 1000,
+        "classify (headers of every series)": chosen - started,
+        "segment (model, all series)": segment_ms / 1000,
+        "read series, build volumes and RTSTRUCTs": (written - chosen) - segment_ms / 1000,
         "job end -> all sent": sent - done,
         "total excl. quiet": sent - complete,
     }
