@@ -274,3 +274,24 @@ def running_storescp(outdir: Path, aet: str = "STORESCP", *extra: str,
         yield proc, port
     finally:
         stop_process(proc)
+
+
+@contextlib.contextmanager
+def running_receiver(root: Path, min_free_mb: int = 1, **sections: dict[str, Any]) -> Iterator[Any]:
+    """An in-process Storage SCP (dmg_node.receive.Receiver) on a free loopback port, spool at *root*."""
+    from dmg_node import config
+    from dmg_node.receive import Receiver
+    from dmg_node.spool import Spool
+
+    raw: dict[str, Any] = {"node": {"host": LOCALHOST, "port": free_port()},
+                           "storage": {"root": str(root), "min_free_mb": min_free_mb}}
+    for key, values in sections.items():
+        raw.setdefault(key, {}).update(values)
+    spool = Spool(root)
+    rx = Receiver(config.from_dict(raw), spool)
+    rx.start()
+    try:
+        yield rx
+    finally:
+        rx.stop(grace_seconds=5)
+        spool.close()

@@ -14,30 +14,18 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from pynetdicom import AE
 from structlog.testing import capture_logs
 
-from dmg_node import config
 from dmg_node.receive import Receiver, StoreStatus
-from dmg_node.spool import Spool
-from tests.support import DCMTK, LOCALHOST, dcmtk_env, free_port, mr_dataset, write_series
+from tests.support import DCMTK, LOCALHOST, dcmtk_env, mr_dataset, running_receiver, write_series
 
 pytestmark = pytest.mark.network
 
 
 @pytest.fixture
 def scp(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Receiver]:
-    overrides: dict[str, Any] = getattr(request, "param", {})
-    raw: dict[str, Any] = {"node": {"host": LOCALHOST, "port": free_port()},
-                           "storage": {"root": str(tmp_path / "spool"), "min_free_mb": 1}}
-    for k, v in overrides.items():
-        raw.setdefault(k, {}).update(v)
-    settings = config.from_dict(raw)
-    spool = Spool(settings.storage.root)
-    rx = Receiver(settings, spool)
-    rx.start()
-    try:
+    overrides: dict[str, Any] = dict(getattr(request, "param", {}))
+    min_free_mb = overrides.pop("storage", {}).get("min_free_mb", 1)
+    with running_receiver(tmp_path / "spool", min_free_mb=min_free_mb, **overrides) as rx:
         yield rx
-    finally:
-        rx.stop(grace_seconds=5)
-        spool.close()
 
 
 def _run(args: list[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:

@@ -37,11 +37,10 @@ from pydicom.uid import (
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from structlog.testing import capture_logs
 
-from dmg_node import config
 from dmg_node.config import Destination, OutboxSettings
 from dmg_node.errors import SpoolError
 from dmg_node.fsutil import TMP_SUFFIX
-from dmg_node.receive import Receiver, StoreStatus
+from dmg_node.receive import StoreStatus
 from dmg_node.send import OutboxWorker
 from dmg_node.spool import OutboxState, Spool
 from integration.bench_load import concurrent_storescu
@@ -66,6 +65,7 @@ from tests.support import (
     mr_dataset,
     node_config,
     running_node,
+    running_receiver,
     running_storescp,
     write_series,
 )
@@ -374,23 +374,6 @@ def test_series_that_cannot_make_a_volume_is_rejected_with_a_reason_and_the_node
 
 
 @contextlib.contextmanager
-def _receiver(root: Path, **sections: dict[str, Any]) -> Iterator[Receiver]:
-    """An in-process Storage SCP on a free port with its spool at *root*; always stopped."""
-    raw: dict[str, Any] = {"node": {"host": LOCALHOST, "port": free_port()},
-                           "storage": {"root": str(root), "min_free_mb": 0}}
-    for key, values in sections.items():
-        raw.setdefault(key, {}).update(values)
-    spool = Spool(root)
-    rx = Receiver(config.from_dict(raw), spool)
-    rx.start()
-    try:
-        yield rx
-    finally:
-        rx.stop(grace_seconds=5)
-        spool.close()
-
-
-@contextlib.contextmanager
 def _small_filesystem(mountpoint: Path, size_mb: int = 8) -> Iterator[str]:
     """A *size_mb* file system at *mountpoint*: tmpfs, else a loop-mounted ext4 image; always unmounted."""
     mountpoint.mkdir(parents=True, exist_ok=True)
@@ -422,7 +405,7 @@ def test_full_disk_answers_out_of_resources_then_resumes(
     index matches the files, no partial or empty file is left, and storing resumes when space returns."""
     write_series(tmp_path / "in", 150)
     disk = tmp_path / "disk"
-    with _small_filesystem(disk, 8), _receiver(disk / "spool") as rx:
+    with _small_filesystem(disk, 8), running_receiver(disk / "spool", min_free_mb=0) as rx:
         filler = disk / "filler"
         with open(filler, "wb") as f:
             f.write(b"\x00" * (shutil.disk_usage(disk).free - 400 * 1024))
@@ -448,7 +431,7 @@ def test_index_full_answers_out_of_resources_and_leaves_no_orphan(tmp_path: Path
     """When the index cannot grow (SQLITE_FULL) the SCP answers 0xA700 and removes the file it
     wrote, the index stays writable, and storing resumes once the index can grow."""
     write_series(tmp_path / "in", 40)
-    with _receiver(tmp_path / "spool") as rx:
+    with running_receiver(tmp_path / "spool", min_free_mb=0) as rx:
         db = rx.spool._db
         db.execute(f"PRAGMA max_page_count = {db.execute('PRAGMA page_count').fetchone()[0]}")
         with capture_logs() as logs:
@@ -499,7 +482,7 @@ def test_association_limit_refuses_the_excess_cleanly(
 ) -> None:
     """With maximum_associations = 4 and eight senders at once the excess gets A-ASSOCIATE-RJ, logged
     as "too many associations"; every accepted association stores all it sends and the node serves on."""
-    with _receiver(tmp_path / "spool", node={"maximum_associations": 4}) as rx, capture_logs() as logs:
+    with running_receiver(tmp_path / "spool", min_free_mb=0, node={"maximum_associations": 4}) as rx, capture_logs() as logs:
         results = concurrent_storescu(rx.port, eight_series)
         accepted = [r for r in results if r.returncode == 0]
         refused = [r for r in results if r.returncode != 0]
@@ -522,7 +505,7 @@ def test_called_aet_is_not_checked_when_require_called_aet_is_false(tmp_path: Pa
     """With require_called_aet = false an association addressed to any AE title is accepted and
     stores; the calling-AE allow-list still applies."""
     write_series(tmp_path / "in", 2)
-    with _receiver(tmp_path / "spool", node={"require_called_aet": False},
+    with running_receiver(tmp_path / "spool", min_free_mb=0, node={"require_called_aet": False},
                    access={"allowed_calling_aets": ["SCANNER"]}) as rx, capture_logs() as logs:
         assert _storescu(rx.port, tmp_path / "in", aec="SOMEONE_ELSE").returncode == 0
         assert rx.spool.instance_count() == 2
