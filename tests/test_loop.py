@@ -145,3 +145,32 @@ def test_demo_command_reports_each_routed_sequence() -> None:
     rows = [line for line in r.stdout.splitlines() if line.startswith("| ") and "GTV_DMG_AI_" in line]
     assert len(rows) == len([s for s in ("t1c", "t2", "flair") if (models_dir() / f"demo-{s}").is_dir()])
     assert "nothing about clinical accuracy" in r.stdout
+
+
+def test_kill_9_during_segmentation_finishes_once_after_restart(tmp_path: Path, study: StudyManifest) -> None:
+    """kill -9 while a job runs: after restart the job is requeued, finishes, and the TPS gets one RTSTRUCT."""
+    import signal
+
+    from dmg_node.config import Destination
+    from dmg_node.send import store_files
+
+    series = next(s for s in study.series if s.sequence == "t1c")  # the largest series: the longest job
+    sections = {"assembly": {"quiet_seconds": 0.5}, "models": {"dir": str(models_dir())}}
+    with running_storescp(tmp_path / "tps", "TPS", "+uf") as (_tps, tps_port):
+        sections["destinations"] = [{"name": "tps", "ae_title": "TPS", "host": LOCALHOST, "port": tps_port}]
+        with running_node(tmp_path / "node", **sections) as node:
+            paths = sorted((study.study_dir / series.folder).glob("*.dcm"))
+            assert all(r.ok for r in store_files(paths, Destination("n", "DMG_NODE", LOCALHOST, node.port), "SCANNER"))
+            node.wait_event("job_started", timeout=60)
+            node.proc.send_signal(signal.SIGKILL)
+            node.proc.wait(30)
+        assert not any(e["event"] == "rtstruct_sent" for e in node.events())
+        with running_node(tmp_path / "node", **sections) as node2:
+            reconciled = node2.wait_event("spool_reconciled")
+            assert reconciled["jobs_requeued"] == 1
+            node2.wait_event("rtstruct_sent", timeout=300)
+            time.sleep(2)
+        received = list((tmp_path / "tps").glob("RS.*"))
+    assert len(received) == 1
+    events = [e["event"] for e in node2.events()]
+    assert events.count("job_done") == 1 and events.count("rtstruct_sent") == 1
