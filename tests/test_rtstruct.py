@@ -133,6 +133,14 @@ def dciodvfy(path: Path) -> list[str]:
     return [line for line in lines if "Warning" in line]
 
 
+def write_checked(rt: Dataset, tmp_path: Path, name: str = "rt.dcm") -> Dataset:
+    """Save *rt* as a file, assert dciodvfy finds no error in it, and return it as read back."""
+    path = tmp_path / name
+    save_rtstruct(rt, path)
+    dciodvfy(path)
+    return pydicom.dcmread(path)
+
+
 def read_mha(path: Path) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float64]]:
     """A tiny MetaImage reader: the (z, y, x) array and the 4x4 map from (x, y, z) index to LPS."""
     raw = path.read_bytes()
@@ -257,16 +265,13 @@ def test_single_voxel_is_a_four_point_square() -> None:
 def test_written_file_passes_dciodvfy_with_valid_values(tmp_path: Path) -> None:
     """The file passes dciodvfy (also as Explicit VR); DS values fit 16 characters; point counts are integers >= 3."""
     rt = build(GEOMETRIES["oblique"])[3]
-    path = tmp_path / "rt.dcm"
-    save_rtstruct(rt, path)
-    dciodvfy(path)
-    back = pydicom.dcmread(path)
+    back = write_checked(rt, tmp_path)
     assert back.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
     explicit = tmp_path / "explicit.dcm"
     back.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     back.save_as(explicit, enforce_file_format=True)  # as a C-STORE in Explicit VR would encode it
     dciodvfy(explicit)
-    raw = path.read_bytes()
+    raw = (tmp_path / "rt.dcm").read_bytes()
     for elem in back.iterall():
         if elem.VR == "DS":
             for value in elem.value if elem.VM > 1 else [elem.value]:
@@ -360,10 +365,7 @@ def test_type2_attributes_are_present_when_the_source_lacks_them(tmp_path: Path)
             delattr(ds, keyword)
     volume = build_volume(series)
     rt = build_rtstruct(series, volume, tumour(volume.array.shape), ROI, META)
-    path = tmp_path / "rt.dcm"
-    save_rtstruct(rt, path)
-    dciodvfy(path)
-    back = pydicom.dcmread(path)
+    back = write_checked(rt, tmp_path)
     for keyword in missing:
         assert keyword in back and not back[keyword].value, keyword
 
@@ -391,10 +393,7 @@ def test_patient_name_survives_in_a_fitting_character_set(
         series = [pydicom.dcmread(tmp_path / f"{n}.dcm") for n in range(len(series))]
     volume = build_volume(series)
     rt = build_rtstruct(series, volume, tumour(volume.array.shape), ROI, META)
-    path = tmp_path / "rt.dcm"
-    save_rtstruct(rt, path)
-    dciodvfy(path)
-    back = pydicom.dcmread(path)
+    back = write_checked(rt, tmp_path)
     assert str(back.PatientName) == name
     assert back.get("SpecificCharacterSet") == expected
 
@@ -428,9 +427,7 @@ def test_empty_mask_allowed_writes_roi_without_contours(tmp_path: Path) -> None:
     ds = build_rtstruct(series, volume, np.zeros(volume.array.shape, dtype=bool), ROI, META, allow_empty=True)
     assert "ContourSequence" not in ds.ROIContourSequence[0]
     assert ds.RTROIObservationsSequence[0].RTROIInterpretedType == "GTV"
-    path = tmp_path / "empty.dcm"
-    save_rtstruct(ds, path)
-    dciodvfy(path)
+    write_checked(ds, tmp_path, "empty.dcm")
 
 
 def test_mask_of_wrong_shape_or_type_raises() -> None:
@@ -541,9 +538,7 @@ def test_enhanced_mr_contours_reference_their_frames(tmp_path: Path) -> None:
     volume = build_volume([source])
     mask = tumour(volume.array.shape, hole=True)
     rt = build_rtstruct([source], volume, mask, ROI, META)
-    path = tmp_path / "rt.dcm"
-    save_rtstruct(rt, path)
-    dciodvfy(path)
+    write_checked(rt, tmp_path)
     ref_series = rt.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]
     assert [item.ReferencedSOPInstanceUID for item in ref_series.ContourImageSequence] == [f"{ROOT}.20"]
     normal = np.cross(geo.orientation[0], geo.orientation[1])
