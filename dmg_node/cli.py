@@ -32,8 +32,9 @@ log = structlog.get_logger(__name__)
 def _settings(args: argparse.Namespace) -> config.Settings:
     settings = config.load(args.config)
     level = "debug" if getattr(args, "verbose", False) else settings.logging.level
-    logs.configure(level, settings.logging.format, settings.logging.include_phi, stream=sys.stderr
-                   if args.command not in ("serve",) else None)
+    # serve logs to stdout (the journal); other commands keep stdout for their own output
+    stream = None if args.command == "serve" else sys.stderr
+    logs.configure(level, settings.logging.format, settings.logging.include_phi, stream=stream)
     return settings
 
 

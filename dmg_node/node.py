@@ -266,7 +266,8 @@ class Node:
         for t in [*self._threads, *workers]:
             t.join(timeout=grace_seconds)
         busy = [t.name for t in (*self._threads, *workers) if t.is_alive()]
-        self.spool.close() if not busy else None
+        if not busy:  # a worker still inside the index must not find it closed
+            self.spool.close()
         log.info("node_stopped", unfinished_workers=busy)
 
     # -- workers -------------------------------------------------------------------------------

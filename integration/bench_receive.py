@@ -43,9 +43,6 @@ def send(folder: Path, port: int, aec: str) -> float:
     return time.perf_counter() - t0
 
 
-Receiver = Callable[[Path], AbstractContextManager[tuple[int, int, str]]]
-
-
 def storescp(work: Path) -> Iterator[tuple[int, int, str]]:
     with running_storescp(work / "out") as (proc, port):
         yield proc.pid, port, "STORESCP"
