@@ -30,12 +30,15 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom import AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from dmg_node import reactor, store_rsp
+from dmg_node.admission import AdmittingAE
 from dmg_node.config import Settings
 from dmg_node.errors import ConfigError
 from dmg_node.errors import SpoolError
+from dmg_node.part10 import file_header, header_values
 from dmg_node.spool import Spool, instance_record
 
 log = structlog.get_logger(__name__)
@@ -180,9 +183,9 @@ class Receiver:
     # -- AE ------------------------------------------------------------------------------------
 
     @staticmethod
-    def _build_ae(settings: Settings) -> AE:
+    def _build_ae(settings: Settings) -> AdmittingAE:
         node = settings.node
-        ae = AE(ae_title=node.ae_title)
+        ae = AdmittingAE(ae_title=node.ae_title)
         ae.maximum_associations = node.maximum_associations
         ae.maximum_pdu_size = node.maximum_pdu_size
         ae.acse_timeout = node.acse_timeout
@@ -215,6 +218,8 @@ class Receiver:
 
     def _on_conn_open(self, event: Any) -> None:
         tune_connection(event)
+        reactor.install(event.assoc)
+        store_rsp.install(event.assoc)
 
     def _on_accepted(self, event: Any) -> None:
         calling = event.assoc.requestor.ae_title
@@ -224,6 +229,7 @@ class Receiver:
 
     def _on_rejected(self, event: Any) -> None:
         assoc = event.assoc
+        self.ae.release_slot(assoc)
         calling = assoc.requestor.ae_title
         called = self._called(event)
         allowed = [a.strip() for a in self.ae.require_calling_aet]
@@ -270,11 +276,13 @@ class Receiver:
         t0 = time.perf_counter()
         calling = event.assoc.requestor.ae_title
         request = event.request
+        raw = request.DataSet.getvalue()  # the data set exactly as received
+        syntax = str(event.context.transfer_syntax)
         fields = {"calling_aet": calling, "peer": self._peer(event),
                   "sop_uid": str(request.AffectedSOPInstanceUID or "")}
         try:
-            rec = instance_record(event.dataset, transfer_syntax_uid=str(event.context.transfer_syntax),
-                                  calling_aet=calling, received_at=time.time())
+            rec = instance_record(header_values(raw, syntax),
+                                  transfer_syntax_uid=syntax, calling_aet=calling, received_at=time.time())
         except SpoolError as exc:
             log.warning("store_rejected", status=f"0x{StoreStatus.MISSING_UID:04X}", reason=str(exc), **fields)
             return StoreStatus.MISSING_UID
@@ -288,6 +296,12 @@ class Receiver:
             log.warning("store_rejected", status=f"0x{StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS:04X}",
                         reason="SOP Class/Instance UID in the data set differ from the C-STORE request", **fields)
             return StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
+        try:
+            header = file_header(rec.sop_class_uid, rec.sop_instance_uid, syntax)
+        except UnicodeEncodeError as exc:
+            log.warning("store_rejected", status=f"0x{StoreStatus.CANNOT_UNDERSTAND:04X}",
+                        reason=f"a UID is not ASCII: {exc}"[:300], **fields)
+            return StoreStatus.CANNOT_UNDERSTAND
         storage = self.settings.storage
         try:
             free = self.spool.free_bytes()
@@ -295,7 +309,9 @@ class Receiver:
                 log.warning("store_refused_low_disk", status=f"0x{StoreStatus.OUT_OF_RESOURCES:04X}",
                             free_mb=free // _MIB, min_free_mb=storage.min_free_mb, **fields)
                 return StoreStatus.OUT_OF_RESOURCES
-            data = event.encoded_dataset(include_meta=True)
+            # The bytes as received behind our File Meta header (event.encoded_dataset() builds the
+            # same bytes through pydicom, at a fifth of this handler's time).
+            data = header + raw
             outcome = self.spool.store(data, rec,
                                        keep_first=storage.duplicate_policy == "keep_first")
         except (OSError, SpoolError) as exc:

@@ -135,7 +135,7 @@ REQUIRED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 
 
 def instance_record(ds: Any, *, transfer_syntax_uid: str, calling_aet: str, received_at: float) -> InstanceRecord:
-    """The index record of a dataset (from the SCP or the drop folder).
+    """The index record of a dataset (drop folder) or of the SCP's :func:`dmg_node.part10.header_values`.
 
     Raises
     ------

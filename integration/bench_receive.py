@@ -73,19 +73,21 @@ def main() -> None:
     }
     if args.no_fsync_variant:
         receivers["dmg-node (no fsync)"] = contextmanager(lambda w: dmg_node(w, fsync=False))
-    results: dict[str, tuple[list[float], float]] = {}
+    rates: dict[str, list[float]] = {name: [] for name in receivers}
+    rss: dict[str, float] = {name: 0.0 for name in receivers}
     with tempfile.TemporaryDirectory(prefix="bench-receive-") as tmp:
         root = Path(tmp)
         write_series(root / "series", args.images, rows=256, cols=256)
-        for index, (name, ctx) in enumerate(receivers.items()):
-            rates, rss = [], 0.0
-            for rep in range(args.repeats):
+        # Round-robin, a fresh receiver each run: a drift in disk speed during the run (seen here:
+        # storescp from 900 to 2500 images/s within minutes) touches every receiver alike.
+        for rep in range(args.repeats):
+            for index, (name, ctx) in enumerate(receivers.items()):
                 work = root / f"receiver{index}-run{rep}"
                 work.mkdir()
                 with ctx(work) as (pid, port, aec):
-                    rates.append(args.images / send(root / "series", port, aec))
-                    rss = max(rss, peak_rss_mb(pid))
-            results[name] = (rates, rss)
+                    rates[name].append(args.images / send(root / "series", port, aec))
+                    rss[name] = max(rss[name], peak_rss_mb(pid))
+    results = {name: (rates[name], rss[name]) for name in receivers}
     med = {k: statistics.median(v[0]) for k, v in results.items()}
     print(f"{args.images} x 256x256 16-bit MR, one storescu association (TCP_NODELAY=1), "
           f"median of {args.repeats}\n")
