@@ -59,10 +59,15 @@ def find_series(path: Path) -> dict[str, list[Path]]:
         except (OSError, EOFError, ValueError) as exc:
             log.warning("unreadable_file_skipped", path=str(file), error=type(exc).__name__)
             continue
-        if header.file_meta.get("MediaStorageSOPClassUID") == MediaStorageDirectoryStorage:
-            log.debug("dicomdir_skipped", path=str(file))
+        try:
+            if header.file_meta.get("MediaStorageSOPClassUID") == MediaStorageDirectoryStorage:
+                log.debug("dicomdir_skipped", path=str(file))
+                continue
+            uid = str(header.get("SeriesInstanceUID") or "")
+        except (NotImplementedError, ValueError, KeyError, TypeError) as exc:
+            # pydicom decodes values on first access: a VR that does not exist raises only now
+            log.warning("unreadable_file_skipped", path=str(file), error=type(exc).__name__)
             continue
-        uid = str(header.get("SeriesInstanceUID") or "")
         if not uid:
             log.warning("series_uid_missing", path=str(file))
             continue

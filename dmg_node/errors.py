@@ -11,6 +11,10 @@ class ConfigError(DmgNodeError):
     """The configuration file is unreadable or breaks a rule (the message names key and file)."""
 
 
+class ReceiveError(DmgNodeError):
+    """The Storage SCP cannot start (its address is taken or does not exist here)."""
+
+
 class SpoolError(DmgNodeError):
     """An instance could not be stored durably, or the index is inconsistent."""
 

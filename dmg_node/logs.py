@@ -7,6 +7,7 @@ key-value fields. Admins tail the JSON lines (``journalctl -o cat | jq``); see d
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -34,10 +35,18 @@ PHI_KEYS = frozenset(
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
+# pydicom's warnings quote the offending value ("Invalid value for VR PN: 'DOE^JANE'"), which may be
+# a patient's name or ID.
+_QUOTED = re.compile(r"""(['"]).*?\1""")
+
+
 def drop_phi(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """Remove patient-identifying fields from an event (a structlog processor)."""
+    """Remove patient-identifying fields from an event, and quoted values from Python warnings
+    (a structlog processor)."""
     for key in PHI_KEYS.intersection(event_dict):
         del event_dict[key]
+    if event_dict.get("event") == "python_warning" and isinstance(event_dict.get("message"), str):
+        event_dict["message"] = _QUOTED.sub(r"\1...\1", event_dict["message"])
     return event_dict
 
 

@@ -225,6 +225,7 @@ class Node:
         self.started = time.time()
 
     def start(self) -> None:
+        self.spool.claim_ownership()
         counts = self.spool.reconcile()
         log.info("spool_reconciled", root=str(self.spool.root), **counts)
         if not self._fixed_models:
@@ -306,22 +307,35 @@ class Node:
         try:
             try:
                 outputs = self.pipeline.run(job)
-            except (DmgNodeError, OSError, ValueError, RuntimeError) as exc:
-                # RuntimeError covers torch failures (including CUDA OOM, a RuntimeError subclass).
+            except Exception as exc:  # noqa: BLE001 - whatever one study does, the worker must live
+                # RuntimeError covers torch failures (including CUDA OOM, a RuntimeError subclass);
+                # anything else (a library choking on a malformed series) fails this job, not the node.
                 failed = job.attempts >= self.settings.assembly.max_attempts
-                self.spool.finish_job(job.id, JobState.FAILED if failed else JobState.PENDING, time.time(),
-                                      f"{type(exc).__name__}: {exc}")
-                log.error("job_failed", error=f"{type(exc).__name__}: {exc}", attempt=job.attempts, final=failed)
+                error = f"{type(exc).__name__}: {exc}"
+                self._finish(job, JobState.FAILED if failed else JobState.PENDING, error)
+                log.error("job_failed", error=error, attempt=job.attempts, final=failed)
             else:
-                self.spool.finish_job(job.id, JobState.DONE, time.time())
+                self._finish(job, JobState.DONE, None)
                 log.info("job_done", rtstructs=len(outputs), duration_ms=round((time.perf_counter() - t0) * 1000))
                 for w, _stop in self._outbox.values():
                     w.wake.set()
-        except (DmgNodeError, OSError) as exc:
-            # The job's state could not be recorded: it stays "running" and is requeued at restart.
-            log.error("worker_error", worker="jobs", error=f"{type(exc).__name__}: {exc}")
         finally:
             structlog.contextvars.unbind_contextvars("job_id", "study_uid")
+
+    def _finish(self, job: Job, state: JobState, error: str | None) -> None:
+        """Record the job's end; while the index cannot be written (a full disk), retry each poll.
+
+        Giving up would leave the job "running" until a restart; the job worker has nothing more
+        useful to do meanwhile (the next job would hit the same full index).
+        """
+        while True:
+            try:
+                self.spool.finish_job(job.id, state, time.time(), error)
+                return
+            except (DmgNodeError, OSError) as exc:
+                log.error("worker_error", worker="jobs", error=f"{type(exc).__name__}: {exc}")
+                if self._stop.wait(self.settings.assembly.poll_seconds):
+                    return  # stopping: the job stays "running" and is requeued at the next start
 
     # -- live changes: models, config, drop folder, retention ------------------------------------
 

@@ -37,7 +37,7 @@ from dmg_node import reactor, store_rsp
 from dmg_node.admission import AdmittingAE
 from dmg_node.config import Settings
 from dmg_node.errors import ConfigError
-from dmg_node.errors import SpoolError
+from dmg_node.errors import ReceiveError, SpoolError
 from dmg_node.part10 import file_header, header_values
 from dmg_node.spool import Spool, instance_record
 
@@ -147,8 +147,12 @@ class Receiver:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
-        self._server = self.ae.start_server((node.host, node.port), block=False, evt_handlers=handlers,
-                                            ssl_context=tls_context(self.settings))
+        try:
+            self._server = self.ae.start_server((node.host, node.port), block=False, evt_handlers=handlers,
+                                                ssl_context=tls_context(self.settings))
+        except OSError as exc:
+            raise ReceiveError(f"cannot listen on {node.host}:{node.port} ([node] in {self.settings.source}): "
+                               f"{exc.strerror or exc}") from exc
         log.info("scp_started", ae_title=node.ae_title, host=node.host, port=self.port,
                  maximum_associations=node.maximum_associations, tls=self.settings.tls.enabled)
 

@@ -6,6 +6,7 @@ any file the index lost (a crash between rename and commit, or a WAL commit lost
 the index runs with ``synchronous=NORMAL``). Layout under ``storage.root``::
 
     index.sqlite3                      the index (WAL mode)
+    node.lock                          flock of the running node, with its pid
     studies/<study>/<series>/<sop>.dcm  one file per instance, bytes as received
     outbox/<job>/<sop>.dcm             RTSTRUCTs waiting for their destinations
 
@@ -16,6 +17,7 @@ the spool. The true UIDs are kept in the index.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import re
@@ -40,6 +42,8 @@ log = structlog.get_logger(__name__)
 
 _UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
 SCHEMA_VERSION = 1
+#: Held (flock) by the node that owns the spool; see :meth:`Spool.claim_ownership`.
+OWNER_LOCK = "node.lock"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -223,10 +227,39 @@ class Spool:
         except (OSError, sqlite3.Error) as exc:
             raise SpoolError(f"cannot open spool at {self.root}: {exc}") from exc
         self._lock = threading.Lock()
+        self._owner_fd: int | None = None
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+        if self._owner_fd is not None:
+            os.close(self._owner_fd)  # releases the lock
+            self._owner_fd = None
+
+    def claim_ownership(self) -> None:
+        """Take the spool for this process (``node.lock``, an exclusive ``flock``) or fail.
+
+        Two nodes on one spool would both reconcile it, both run its jobs and both send the
+        RTSTRUCTs. The lock goes with the process (also on ``kill -9``), so a stale file never
+        blocks a restart. ``dmg-node status`` only reads and takes no lock.
+
+        Raises
+        ------
+        SpoolError
+            Another process holds the spool; the message gives its pid.
+        """
+        path = self.root / OWNER_LOCK
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise SpoolError(f"spool {self.root} is in use by another dmg-node (pid {holder}); "
+                             "run one node per storage.root") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._owner_fd = fd
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:

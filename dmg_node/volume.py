@@ -163,6 +163,18 @@ def build_volume(datasets: Sequence[Dataset], min_slices: int = 3) -> Volume:
     """
     if min_slices < 2:
         raise ValueError(f"min_slices must be at least 2; found {min_slices}")
+    try:
+        return _build_volume(datasets, min_slices)
+    except SeriesError:
+        raise
+    except (*_DECODE_ERRORS, KeyError, TypeError, IndexError) as exc:
+        # pydicom converts element values when they are first read, so a header element that
+        # cannot be decoded (a VR that does not exist, a number that is not one) raises here,
+        # far from any file: it is this series that is unusable, not the study.
+        raise SeriesError(f"a header element cannot be decoded: {type(exc).__name__}: {exc}"[:300]) from exc
+
+
+def _build_volume(datasets: Sequence[Dataset], min_slices: int) -> Volume:
     images = _drop_non_images(datasets)
     series_uid, frame_of_reference_uid, sop_class_uid = _common_uids(images)
     multi = [ds for ds in images if _has_functional_groups(ds) or int(ds.get("NumberOfFrames") or 1) > 1]

@@ -106,3 +106,13 @@ def test_read_datasets_names_the_unreadable_file(study_folder: Path, name: str) 
     paths = [study_folder / "s1" / "0000.dcm", study_folder / name]
     with pytest.raises(SeriesError, match=name):
         read_datasets(paths)
+
+
+def test_find_series_skips_a_file_whose_series_uid_cannot_be_decoded(tmp_path: Path) -> None:
+    """A Series Instance UID with a VR that does not exist makes that file skipped, not the search fail."""
+    good = write_series(tmp_path / "in", 2)
+    raw = good[1].read_bytes()
+    at = raw.find(b"\x20\x00\x0e\x00UI")
+    good[1].write_bytes(raw[:at + 4] + b"XX" + raw[at + 6:])
+    found = find_series(tmp_path / "in")
+    assert [len(v) for v in found.values()] == [1]

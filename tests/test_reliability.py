@@ -341,10 +341,11 @@ def test_mutated_data_sets_never_crash_the_node_or_escape_the_spool(
 def test_series_that_cannot_make_a_volume_is_rejected_with_a_reason_and_the_node_keeps_serving(
     fuzz_node: NodeProcess, tmp_path: Path
 ) -> None:
-    """Mixed orientations, short Pixel Data or pixels cut off in one T2 series: the series is
-    rejected with the reason (log and status --json), the job ends, the node still stores."""
+    """Mixed orientations, short Pixel Data, pixels cut off, or a header element with a VR that does
+    not exist (past what the SCP reads) in one T2 series: the series is rejected with the reason (log
+    and status --json), the job ends, the node still stores."""
     bad: dict[str, str] = {}
-    for name, broken in (("mixed", "orientation"), ("short", "pixels"), ("cut", "truncated")):
+    for name, broken in (("mixed", "orientation"), ("short", "pixels"), ("cut", "truncated"), ("vr", "vr")):
         study, series = str(generate_uid()), str(generate_uid())
         bad[series] = name
         for i in range(3):
@@ -356,6 +357,9 @@ def test_series_that_cannot_make_a_volume_is_rejected_with_a_reason_and_the_node
             raw = encode(ds)
             if broken == "truncated" and i == 2:
                 raw = raw[:-4000]
+            if broken == "vr" and i == 1:
+                at = raw.find(b"\x20\x00\x37\x00DS")  # Image Orientation (Patient)
+                raw = raw[:at + 4] + b"XX" + raw[at + 6:]
             assert send_raw(fuzz_node.port, raw, ds.SOPInstanceUID, tmp_path) == StoreStatus.SUCCESS
     rejected: dict[str, str] = {}
     for series in bad:

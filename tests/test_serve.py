@@ -143,3 +143,27 @@ def test_late_arrival_policy(tmp_path: Path, policy: str) -> None:
     completes = [e for e in node.events() if e["event"] == "study_complete"]
     assert len(completes) == (2 if policy == "reprocess" else 1)
     assert len(list((tmp_path / "spool" / "studies").rglob("*.dcm"))) == 4
+
+
+def test_second_node_on_the_same_spool_or_port_is_refused_clearly(tmp_path: Path) -> None:
+    """A second `serve` on a spool in use, or on a port in use, exits 1 at once with one line
+    naming the spool (and the holder's pid) or the address; the first node serves on."""
+    from tests.support import free_port, node_config
+
+    (tmp_path / "b").mkdir()
+    (tmp_path / "c").mkdir()
+    with running_node(tmp_path / "a", assembly={"quiet_seconds": 3600}) as node:
+        same_spool = node_config(tmp_path / "b", free_port(), storage={"root": str(tmp_path / "a" / "spool")})
+        r = subprocess.run([sys.executable, "-m", "dmg_node.cli", "serve", "--config", str(same_spool)],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        assert f"is in use by another dmg-node (pid {node.proc.pid})" in r.stderr
+        same_port = node_config(tmp_path / "c", node.port)
+        r = subprocess.run([sys.executable, "-m", "dmg_node.cli", "serve", "--config", str(same_port)],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        assert f"cannot listen on {LOCALHOST}:{node.port}" in r.stderr and "in use" in r.stderr
+        write_series(tmp_path / "in", 2)
+        sent = subprocess.run([DCMTK["storescu"], "-aec", "DMG_NODE", "+sd", LOCALHOST, str(node.port),
+                               str(tmp_path / "in")], capture_output=True, env=dcmtk_env(), timeout=60)
+        assert sent.returncode == 0
