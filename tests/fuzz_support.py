@@ -28,7 +28,8 @@ from tests.support import LOCALHOST
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 # What dmg_node.spool.safe_component may produce: a DICOM UID or "x" + 40 hex digits.
 SAFE_NAME = re.compile(r"[0-9]+(\.[0-9]+)*|x[0-9a-f]{40}")
-SPOOL_TOP_LEVEL = {"index.sqlite3", "index.sqlite3-wal", "index.sqlite3-shm", "node-status.json", "studies", "outbox"}
+SPOOL_TOP_LEVEL = {"index.sqlite3", "index.sqlite3-wal", "index.sqlite3-shm", "node-status.json", "node.lock", "studies",
+                   "outbox"}
 MUTATIONS = ("truncate", "flip", "length", "vr", "delete", "insert")
 
 
