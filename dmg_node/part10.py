@@ -99,7 +99,8 @@ def _short(group: int, element: int, vr: bytes, value: bytes) -> bytes:
     return struct.pack("<HH2sH", group, element, vr, len(value)) + value
 
 
-def _uid(value: str) -> bytes:
+def uid_value(value: str) -> bytes:
+    """A UI value as encoded: ASCII, padded with one NUL to an even length (PS3.5 6.2)."""
     raw = value.encode("ascii")
     return raw + b"\x00" if len(raw) % 2 else raw
 
@@ -140,10 +141,10 @@ def file_header(
     """
     body = b"".join((
         struct.pack("<HH2s2sI", 0x0002, 0x0001, b"OB", b"\x00\x00", 2) + b"\x00\x01",
-        _short(0x0002, 0x0002, b"UI", _uid(sop_class_uid)),
-        _short(0x0002, 0x0003, b"UI", _uid(sop_instance_uid)),
-        _short(0x0002, 0x0010, b"UI", _uid(transfer_syntax_uid)),
-        _short(0x0002, 0x0012, b"UI", _uid(implementation_uid)),
+        _short(0x0002, 0x0002, b"UI", uid_value(sop_class_uid)),
+        _short(0x0002, 0x0003, b"UI", uid_value(sop_instance_uid)),
+        _short(0x0002, 0x0010, b"UI", uid_value(transfer_syntax_uid)),
+        _short(0x0002, 0x0012, b"UI", uid_value(implementation_uid)),
         _short(0x0002, 0x0013, b"SH", _text(implementation_version)),
     ))
     return PREAMBLE + _short(0x0002, 0x0000, b"UL", struct.pack("<I", len(body))) + body

@@ -18,6 +18,8 @@ from pynetdicom import evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 
+from dmg_node.part10 import uid_value
+
 _C_STORE_RSP = 0x8001
 _NO_DATA_SET = 0x0101
 _LAST_COMMAND_FRAGMENT = b"\x03"  # message control header: command, last fragment (PS3.8 E.2)
@@ -25,11 +27,6 @@ _LAST_COMMAND_FRAGMENT = b"\x03"  # message control header: command, last fragme
 
 def _element(element: int, value: bytes) -> bytes:
     return struct.pack("<HHI", 0x0000, element, len(value)) + value
-
-
-def _uid(value: str) -> bytes:
-    raw = value.encode("ascii")
-    return raw + b"\x00" if len(raw) % 2 else raw
 
 
 def success_command(message_id: int, sop_class_uid: str, sop_instance_uid: str) -> bytes:
@@ -48,12 +45,12 @@ def success_command(message_id: int, sop_class_uid: str, sop_instance_uid: str) 
         If a UID is not ASCII or the message ID is not an unsigned short.
     """
     body = b"".join((
-        _element(0x0002, _uid(sop_class_uid)),
+        _element(0x0002, uid_value(sop_class_uid)),
         _element(0x0100, struct.pack("<H", _C_STORE_RSP)),
         _element(0x0120, struct.pack("<H", message_id)),
         _element(0x0800, struct.pack("<H", _NO_DATA_SET)),
         _element(0x0900, struct.pack("<H", 0x0000)),
-        _element(0x1000, _uid(sop_instance_uid)),
+        _element(0x1000, uid_value(sop_instance_uid)),
     ))
     return _element(0x0000, struct.pack("<I", len(body))) + body
 
