@@ -35,9 +35,10 @@ from tests.test_preprocess import TUMOUR_CENTRE, oblique_head
 TINY = GeneratorConfig(channels=(4, 8, 8, 8, 8), aspp_dilations=(1, 2))
 MODELS = Path(__file__).resolve().parents[1] / "models"
 # Regression floors for the demo models on two fresh 1.5 mm phantoms (measured there: T1C
-# 0.64/0.65, T2 0.78/0.88, FLAIR 0.83/0.91). They are below the targets of docs/model.md
-# (T2/FLAIR 0.90, T1C 0.85), which only FLAIR meets, on 1 mm phantoms.
-DEMO_DICE_FLOOR = {"t1c": 0.60, "t2": 0.70, "flair": 0.80}
+# 0.72/0.69, T2 0.83/0.89, FLAIR 0.83/0.91). The targets of docs/model.md (T2/FLAIR 0.90, T1C
+# 0.85) are for the 10 held-out 1 mm phantoms, where T1C and FLAIR meet them and T2 reaches 0.88;
+# two coarser phantoms are a regression check small enough for CI, not that measurement.
+DEMO_DICE_FLOOR = {"t1c": 0.65, "t2": 0.78, "flair": 0.80}
 
 
 @pytest.fixture()
