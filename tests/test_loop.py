@@ -27,7 +27,7 @@ pytestmark = [pytest.mark.network, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parent.parent
 # Regression floors for the demo weights on one small (2 mm) phantom through the whole loop, on
 # the DICOM grids; measured here: T2 0.80, FLAIR 0.86, T1C 0.58. docs/model.md has the held-out
-# figures (T1C is the weakest demo model: its target is not met).
+# figures (T1C is the weakest demo model on coarse grids).
 LOOP_DICE = {"t2": 0.7, "flair": 0.75, "t1c": 0.5}
 
 
