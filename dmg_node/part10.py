@@ -15,7 +15,6 @@ import zlib
 from io import BytesIO
 from typing import Any
 
-from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.uid import UID
@@ -56,11 +55,8 @@ def header_values(raw: bytes, transfer_syntax_uid: str) -> dict[str, str]:
     ds = header_dataset(raw, transfer_syntax_uid)
     values: dict[str, str] = {}
     for keyword, tag in _ASCII_TAGS.items():
-        elem = ds.get_item(tag)
+        elem = ds.get_item(tag)  # read_dataset leaves every element raw (RawDataElement)
         if elem is None:
-            continue
-        if not isinstance(elem, RawDataElement):
-            values[keyword] = str(elem.value)
             continue
         if elem.VR is not None and elem.VR not in _KNOWN_VRS:
             raise ValueError(f"unknown VR {elem.VR!r} in ({tag >> 16:04X},{tag & 0xFFFF:04X})")

@@ -60,9 +60,10 @@ TRANSFER_SYNTAXES = [
 ]
 
 _MIB = 1024 * 1024
-# pynetdicom's DUL thread sleeps 1 ms whenever a poll of its socket found nothing; at ~200 images/s
-# that is a fifth of each image's time. 0.2 ms measured +29 % images/s here (docs/benchmarks.md)
-# for a few % of one core per open association while it idles.
+# pynetdicom's DUL thread sleeps 1 ms whenever a poll of its socket found nothing. 0.2 ms measured
+# +29 % images/s for the SCP (before reactor.py), for a few % of one core per idle association.
+# It now serves the node's outgoing associations (send.py); the SCP's own DUL threads wait on
+# events instead (reactor.install sets their sleep to 0).
 DUL_POLL_SECONDS = 0.0002
 
 
