@@ -17,6 +17,20 @@ response that leaves waits for that sleep to end (0.2 ms even when shortened as
 idle check block in ``select`` on the socket and on an eventfd that ``send_pdu`` signals, for up
 to the same millisecond; the loop itself stays pynetdicom's. +16 % images/s on tmpfs, where the
 disk does not hide it (docs/benchmarks.md).
+
+Socket reads: pynetdicom's ``AssociationSocket.recv(n)`` reads a PDU 4096 bytes at a time, each
+read a ``poll`` and a ``recv`` (the socket has a timeout) and a copy onto a growing bytearray:
+about 70 system calls for one 128 KiB image. :func:`install` gives the association's socket
+:func:`recv_exactly`, which reads straight into a buffer of the PDU's size, as much as the
+kernel holds per call, with the same result and the same errors.
+
+C-STOREs served on the DUL thread: a request decoded by the DUL thread is normally queued for the
+association's thread, which runs the handler and queues the response back: two thread hand-offs
+per image, each a wake-up of a sleeping thread. When the association thread is idle (nothing
+queued, not serving, not paused by a request of ours) :class:`InlineStoreQueue` serves a C-STORE
+request right away on the DUL thread instead; the response then leaves on the DUL loop's next
+pass. A lock keeps one request served at a time, whichever thread serves it. Everything else
+(C-ECHO, release, abort, anything while a request is being served) takes pynetdicom's path.
 """
 
 from __future__ import annotations
@@ -25,11 +39,13 @@ import logging
 import os
 import queue
 import select
+import threading
 import types
 import weakref
 from typing import Any
 
 from pynetdicom import evt
+from pynetdicom.dimse_primitives import C_STORE
 
 LOGGER = logging.getLogger("pynetdicom.assoc")
 
@@ -40,7 +56,61 @@ WAIT_SECONDS = 0.001
 def install(assoc: Any) -> None:
     """Make *assoc* (an acceptor, before it starts) and its DUL wait on events instead of sleeping."""
     assoc._run_reactor = types.MethodType(waking_reactor, assoc)
+    assoc.dimse.msg_queue = InlineStoreQueue(assoc)
     _wake_dul_on_events(assoc.dul)
+    transport = assoc.dul.socket
+    if transport is not None and getattr(transport, "socket", None) is not None:
+        transport.recv = types.MethodType(recv_exactly, transport)
+
+
+class InlineStoreQueue(queue.Queue):  # type: ignore[type-arg]
+    """The DIMSE message queue of an acceptor; a C-STORE request put while idle is served at once.
+
+    ``put`` runs on the DUL thread (pynetdicom's ``DIMSEServiceProvider.receive_primitive``).
+    ``serving`` is held while any request is served, on either thread (see :func:`waking_reactor`).
+    """
+
+    def __init__(self, assoc: Any) -> None:
+        super().__init__()
+        self.assoc = assoc
+        self.serving = threading.Lock()
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        context_id, msg = item
+        assoc = self.assoc
+        if (
+            isinstance(msg, C_STORE) and msg.is_valid_request and assoc.is_established
+            and assoc._reactor_checkpoint.is_set() and self.empty() and self.serving.acquire(blocking=False)
+        ):
+            try:
+                assoc._serve_request(msg, context_id)
+            finally:
+                self.serving.release()
+                assoc.dul._idle_timer.restart()  # the handler's time is not the peer's silence
+            return
+        super().put(item, block, timeout)
+
+
+def recv_exactly(self: Any, nr_bytes: int) -> bytearray:
+    """``AssociationSocket.recv`` with large reads: *nr_bytes* bytes, or fewer if the peer closed.
+
+    Same contract as pynetdicom's: blocks until all bytes are read, returns what was read when
+    the connection breaks, lets socket errors and timeouts propagate.
+    """
+    buffer = bytearray(nr_bytes)
+    view = memoryview(buffer)
+    nr_read = 0
+    try:
+        while nr_read < nr_bytes:
+            n = self.socket.recv_into(view[nr_read:], nr_bytes - nr_read)
+            if not n:
+                break
+            nr_read += n
+    finally:
+        view.release()
+    if nr_read < nr_bytes:
+        del buffer[nr_read:]
+    return buffer
 
 
 def _wake_dul_on_events(dul: Any) -> None:
@@ -74,7 +144,13 @@ def _wake_dul_on_events(dul: Any) -> None:
 
 
 def waking_reactor(self: Any) -> None:
-    """pynetdicom's acceptor reactor with a blocking wait on the DIMSE queue instead of a sleep."""
+    """pynetdicom's acceptor reactor with a blocking wait on the DIMSE queue instead of a sleep.
+
+    A request it serves holds the queue's ``serving`` lock (so the DUL thread serves none
+    meanwhile), and the network timeout is not checked while a request is being served on
+    either thread: as in pynetdicom, where the loop is busy in the handler, a slow handler (a
+    disk stall) is waited for.
+    """
 
     self._is_paused = False
     while not self._kill:
@@ -89,7 +165,8 @@ def waking_reactor(self: Any) -> None:
         except queue.Empty:
             context_id, msg = None, None
         if msg:
-            self._serve_request(msg, context_id)
+            with self.dimse.msg_queue.serving:
+                self._serve_request(msg, context_id)
 
         if self.is_established and self.acse.is_release_requested():
             self.acse.send_release(is_response=True)
@@ -116,7 +193,7 @@ def waking_reactor(self: Any) -> None:
             self.kill()
             return
 
-        if self.dul.idle_timer_expired():
+        if self.dul.idle_timer_expired() and not self.dimse.msg_queue.serving.locked():
             LOGGER.error("Network timeout reached")
             if self.network_timeout_response == "A-RELEASE":
                 self._is_paused = True

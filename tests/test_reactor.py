@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -32,6 +35,7 @@ def test_associations_run_the_waking_reactor(tmp_path: Path) -> None:
         assert assoc.is_established
         [server_side] = [a for a in rx.ae.active_associations if a.is_acceptor]
         assert server_side._run_reactor.__func__ is reactor.waking_reactor
+        assert server_side.dul.socket.recv.__func__ is reactor.recv_exactly
         assert assoc.send_c_echo().Status == 0x0000
         assert assoc.send_c_store(dcmread(path)).Status == 0x0000
         assoc.release()
@@ -83,3 +87,89 @@ def test_an_idle_association_does_not_spin(tmp_path: Path) -> None:
         assert assoc.send_c_echo().Status == 0x0000
         assoc.release()
     assert share < 0.15, f"{share:.0%} of a core while idle"  # 7-10 % measured (client included); 27 % spinning
+
+
+def _transport(sock: socket.socket) -> types.SimpleNamespace:
+    transport = types.SimpleNamespace(socket=sock)
+    transport.recv = types.MethodType(reactor.recv_exactly, transport)
+    return transport
+
+
+def test_recv_exactly_reads_a_pdu_sent_in_pieces() -> None:
+    """All requested bytes come back in order, however the peer splits them."""
+    ours, peer = socket.socketpair()
+    payload = bytes(range(256)) * 1024  # 256 KiB, more than one socket buffer
+    with ours, peer:
+        ours.settimeout(5)
+        sender = threading.Thread(target=lambda: [peer.sendall(payload[i:i + 7000]) or time.sleep(0.001)
+                                                  for i in range(0, len(payload), 7000)])
+        sender.start()
+        got = _transport(ours).recv(len(payload))
+        sender.join()
+        assert isinstance(got, bytearray) and got == payload
+        peer.sendall(b"abcdef")
+        assert _transport(ours).recv(6) == b"abcdef"
+
+
+def test_recv_exactly_returns_what_came_when_the_peer_closes() -> None:
+    """As pynetdicom's recv: a broken connection gives the bytes read so far (the DUL then reports Evt17)."""
+    ours, peer = socket.socketpair()
+    with ours:
+        ours.settimeout(5)
+        peer.sendall(b"12345")
+        peer.close()
+        assert _transport(ours).recv(100) == b"12345"
+        assert _transport(ours).recv(10) == b""
+
+
+def test_recv_exactly_lets_a_timeout_through() -> None:
+    """A silent peer raises TimeoutError (pynetdicom's DUL turns it into Evt17), never returns short."""
+    ours, peer = socket.socketpair()
+    with ours, peer:
+        ours.settimeout(0.05)
+        peer.sendall(b"12")
+        with pytest.raises(TimeoutError):
+            _transport(ours).recv(10)
+
+
+def test_c_store_is_served_on_the_dul_thread_when_the_association_is_idle(tmp_path: Path) -> None:
+    """InlineStoreQueue: an idle association's C-STORE runs on the DUL thread (no hand-off), and
+    C-ECHO and C-STORE still alternate correctly on one association."""
+    paths = write_series(tmp_path / "in", 3)
+    with running_receiver(tmp_path / "spool", min_free_mb=0) as rx:
+        threads: list[threading.Thread] = []
+        store = rx.spool.store
+
+        def spy(*args: object, **kwargs: object) -> object:
+            threads.append(threading.current_thread())
+            return store(*args, **kwargs)
+
+        rx.spool.store = spy
+        assoc = _scu().associate(LOCALHOST, rx.port, ae_title="DMG_NODE")
+        [server_side] = [a for a in rx.ae.active_associations if a.is_acceptor]
+        assert isinstance(server_side.dimse.msg_queue, reactor.InlineStoreQueue)
+        for path in paths:
+            assert assoc.send_c_echo().Status == 0x0000
+            assert assoc.send_c_store(dcmread(path)).Status == 0x0000
+        assoc.release()
+        assert rx.spool.instance_count() == 3
+    assert threads == [server_side.dul] * 3
+
+
+def test_a_slow_store_is_not_cut_off_by_the_network_timeout(tmp_path: Path) -> None:
+    """A handler slower than node.network_timeout (a disk stall) is waited for, as pynetdicom does,
+    and the peer gets its Success; the timeout counts the peer's silence only."""
+    [path] = write_series(tmp_path / "in", 1)
+    with running_receiver(tmp_path / "spool", min_free_mb=0, node={"network_timeout": 0.5}) as rx:
+        store = rx.spool.store
+
+        def slow(*args: object, **kwargs: object) -> object:
+            time.sleep(1.2)
+            return store(*args, **kwargs)
+
+        rx.spool.store = slow
+        assoc = _scu().associate(LOCALHOST, rx.port, ae_title="DMG_NODE")
+        assert assoc.send_c_store(dcmread(path)).Status == 0x0000
+        assert assoc.is_established
+        assoc.release()
+        assert rx.spool.instance_count() == 1
