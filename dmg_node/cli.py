@@ -182,7 +182,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     logs.configure("info", "console", stream=sys.stderr)
     manifest = train(args.sequence, Path(args.data), Path(args.out), epochs=args.epochs, seed=args.seed,
                      adversarial=not args.no_adversarial, adv_weight=args.adv_weight, device=args.device,
-                     resume=not args.no_resume, steps_per_epoch=args.steps_per_epoch)
+                     resume=not args.no_resume, steps_per_epoch=args.steps_per_epoch,
+                     thick_slice_fraction=args.thick_slice_fraction)
     print(json.dumps({"model": str(args.out), "sequence": manifest.sequence, "metrics": manifest.metrics}, indent=2))
     return EXIT_OK
 
@@ -303,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--no-adversarial", action="store_true", help="train the plain generator (no GAN term)")
     s.add_argument("--adv-weight", type=float, default=0.05)
+    s.add_argument("--thick-slice-fraction", type=float, default=0.0,
+                   help="share of patches seen as 3-6 mm axial slices (3D training data, 2D clinical series)")
     s.add_argument("--device", default="auto")
     s.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
     s.set_defaults(func=cmd_train)

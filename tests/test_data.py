@@ -25,6 +25,7 @@ from dmg_node.segment.data import (
     find_cases,
     nifti_cases,
     read_nifti,
+    thick_slices,
 )
 from dmg_node.volume import build_volume
 from tests.support import mr_dataset
@@ -134,3 +135,31 @@ def test_sampler_centres_patches_on_tumour_and_is_seeded() -> None:
     x2, _ = PatchSampler(cases, (16, 16, 16), 0.9, seed=3).batch(8)
     assert x1.shape == (8, 1, 16, 16, 16) and torch.equal(x1, x2)
     assert int((y1.flatten(1).amax(1) > 0).sum()) >= 5
+
+
+def test_thick_slices_blur_along_s_only_and_keep_shape() -> None:
+    """A thick-slice view smooths an edge across slices, leaves in-plane detail and constant columns alone."""
+    edge = np.zeros((40, 6, 6), np.float32)
+    edge[20:] = 1.0
+    out = thick_slices(edge, 3.0, 1.0)
+    assert out.shape == edge.shape and out.dtype == np.float32
+    column = out[:, 0, 0]
+    assert np.all(np.diff(column) >= -1e-6) and column[0] == 0 and column[-1] == 1  # monotone, ends kept
+    assert 2 <= int(((column > 0.01) & (column < 0.99)).sum()) <= 6  # the edge spreads over about a slice
+    pattern = np.random.default_rng(0).random((1, 6, 6)).astype(np.float32).repeat(40, 0)
+    np.testing.assert_allclose(thick_slices(pattern, 3.3, 0.5), pattern, atol=1e-6)
+    assert not np.allclose(thick_slices(pattern, 3.3, 0.5, inplane_sigma=0.6), pattern, atol=1e-3)
+
+
+def test_sampler_thick_fraction_changes_patches_but_not_labels() -> None:
+    """With thick_fraction=1 every image patch is degraded; the label is the true one."""
+    rng = np.random.default_rng(1)
+    image = rng.normal(size=(40, 40, 40)).astype(np.float32)
+    label = np.zeros_like(image)
+    label[15:25, 15:25, 15:25] = 1.0
+    cases = [PreparedCase("a", image, label)]
+    x0, _ = PatchSampler(cases, (16, 16, 16), 0.9, seed=3).batch(4)
+    x1, y1 = PatchSampler(cases, (16, 16, 16), 0.9, seed=3, thick_fraction=1.0, spacing_mm=1.5).batch(4)
+    assert x1.shape == x0.shape and not torch.equal(x0, x1)
+    assert float(x1.std()) < float(x0.std())  # averaging across slices removes noise
+    assert set(np.unique(y1.numpy())) <= {0.0, 1.0}

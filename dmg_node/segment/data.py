@@ -36,6 +36,7 @@ import numpy.typing as npt
 import structlog
 import torch
 from pydicom.dataset import Dataset
+from scipy import ndimage
 from tqdm import tqdm
 
 from dmg_node.classify import classify, compile_rules, header_from_dataset
@@ -264,13 +265,48 @@ def load_prepared(cases: list[CaseSource], config: PreprocessConfig, cache_dir: 
     return out
 
 
-class PatchSampler:
-    """Random training patches with augmentation, reproducible from its numpy Generator."""
+def thick_slices(image: FloatArray, thickness_vox: float, phase: float, inplane_sigma: float = 0.0) -> FloatArray:
+    """*image* as a 2D axial acquisition of thick slices would show it once resampled back.
 
-    def __init__(self, cases: list[PreparedCase], patch: tuple[int, int, int], pos_fraction: float, seed: int) -> None:
+    Each slice averages ``thickness_vox`` voxels along axis 0 (S on the model grid), slices are
+    ``thickness_vox`` apart starting at ``phase``, and the stack is linearly interpolated back onto
+    every voxel (what :func:`dmg_node.segment.preprocess.prepare` does to a 4-5 mm axial series).
+    ``inplane_sigma`` (voxels) blurs rows and columns as coarser pixels would. Shape and dtype kept.
+    """
+    n = image.shape[0]
+    blurred = ndimage.uniform_filter1d(image, size=max(1, round(thickness_vox)), axis=0, mode="nearest")
+    if inplane_sigma > 0:
+        blurred = ndimage.gaussian_filter(blurred, (0.0, inplane_sigma, inplane_sigma), mode="nearest")
+    pos = np.arange(phase, n - 1 + 1e-6, thickness_vox)
+    if len(pos) < 2:
+        flat: FloatArray = blurred.astype(image.dtype)
+        return flat
+    lo = np.floor(pos).astype(int)
+    hi = np.minimum(lo + 1, n - 1)
+    f = (pos - lo).astype(image.dtype)[:, None, None]
+    samples = blurred[lo] * (1 - f) + blurred[hi] * f
+    x = np.arange(n)
+    j = np.clip(np.searchsorted(pos, x, side="right") - 1, 0, len(pos) - 2)
+    g = np.clip((x - pos[j]) / (pos[j + 1] - pos[j]), 0.0, 1.0).astype(image.dtype)[:, None, None]
+    out: FloatArray = (samples[j] * (1 - g) + samples[j + 1] * g).astype(image.dtype)
+    return out
+
+
+class PatchSampler:
+    """Random training patches with augmentation, reproducible from its numpy Generator.
+
+    ``thick_fraction`` of the patches are seen as through a 2D axial series of 3-6 mm slices
+    (:func:`thick_slices`, ``spacing_mm`` being the model grid's), which is how T2 and FLAIR
+    usually arrive; the label stays the true one.
+    """
+
+    def __init__(self, cases: list[PreparedCase], patch: tuple[int, int, int], pos_fraction: float, seed: int,
+                 thick_fraction: float = 0.0, spacing_mm: float = 2.0) -> None:
         self.cases = cases
         self.patch = np.array(patch)
         self.pos_fraction = pos_fraction
+        self.thick_fraction = thick_fraction
+        self.spacing_mm = spacing_mm
         self.rng = np.random.default_rng(seed)
         self.tumour = [np.argwhere(c.label > 0.5) for c in cases]
 
@@ -295,6 +331,10 @@ class PatchSampler:
         label = np.pad(case.label[sl], pads)
         if self.rng.random() < 0.5:  # left-right mirror: the last axis of the canonical grid is L
             image, label = image[..., ::-1], label[..., ::-1]
+        if self.thick_fraction and self.rng.random() < self.thick_fraction:
+            thickness = self.rng.uniform(3.0, 6.0) / self.spacing_mm
+            image = thick_slices(np.ascontiguousarray(image), thickness, self.rng.uniform(0.0, thickness),
+                                 self.rng.uniform(0.0, 0.6))
         image = image * np.float32(self.rng.uniform(0.85, 1.15)) + np.float32(self.rng.uniform(-0.15, 0.15))
         if self.rng.random() < 0.3:
             image = image + self.rng.normal(0.0, self.rng.uniform(0.0, 0.1), image.shape).astype(np.float32)

@@ -76,6 +76,7 @@ class TrainSettings:
     adv_criterion: str = "least_squares"
     val_fraction: float = 0.15
     pos_fraction: float = 0.5
+    thick_slice_fraction: float = 0.0
     patch_size: tuple[int, int, int] = (48, 48, 48)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
@@ -212,6 +213,7 @@ def train(
     resume: bool = True,
     val_fraction: float = 0.15,
     patch_size: tuple[int, int, int] = (48, 48, 48),
+    thick_slice_fraction: float = 0.0,
     generator: GeneratorConfig | None = None,
     preprocess: PreprocessConfig | None = None,
     roi_pattern: str = DEFAULT_ROI_PATTERN,
@@ -246,6 +248,10 @@ def train(
         Fraction of cases held out for the per-epoch validation Dice.
     patch_size
         Training patch (also the inference window), model-grid voxels (S, P, L).
+    thick_slice_fraction
+        Share of training patches degraded as a 2D axial series of 3-6 mm slices would be
+        (:func:`dmg_node.segment.data.thick_slices`): for a model that must work on thick-slice
+        T2/FLAIR when the training images are 3D.
     generator, preprocess
         Network and preprocessing parameters (defaults when None).
     roi_pattern
@@ -279,7 +285,8 @@ def train(
         raise ModelError(f"adv_criterion must be one of {ADV_CRITERIA}; found {adv_criterion!r}")
     settings = TrainSettings(
         sequence, epochs, steps_per_epoch, batch_size, lr, seed, adversarial, adv_weight, adv_criterion,
-        val_fraction, patch_size=patch_size, generator=generator or GeneratorConfig(),
+        val_fraction, thick_slice_fraction=thick_slice_fraction, patch_size=patch_size,
+        generator=generator or GeneratorConfig(),
         preprocess=preprocess or PreprocessConfig(),
     )
     if any(p % settings.generator.divisor for p in patch_size):
@@ -308,7 +315,8 @@ def train(
     disc = Discriminator().to(torch_device)
     step = GanStep(gen, disc, lr, adversarial=adversarial, adv_weight=adv_weight, adv_criterion=adv_criterion)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(step.opt_g, T_max=epochs, eta_min=lr * 0.02)
-    sampler = PatchSampler(train_cases, patch_size, settings.pos_fraction, seed)
+    sampler = PatchSampler(train_cases, patch_size, settings.pos_fraction, seed,
+                           settings.thick_slice_fraction, settings.preprocess.spacing_mm)
     state: dict[str, Any] = {"epoch": 0, "best_dice": -1.0, "best_epoch": 0, "history": [], "best": None}
 
     checkpoint = work / CHECKPOINT
