@@ -15,7 +15,7 @@ from dmg_node.segment.evaluate import dice
 from dmg_node.segment.manifest import ONNX_WEIGHTS, TORCH_WEIGHTS, load_manifest
 from dmg_node.segment.network import Discriminator, Generator, GeneratorConfig
 from dmg_node.segment.preprocess import PreprocessConfig
-from dmg_node.segment.train import GanStep, train
+from dmg_node.segment.train import GanStep, TrainSettings, train
 from tests.test_data import write_blob_case
 
 TINY = GeneratorConfig(channels=(4, 8, 8, 8, 8), aspp_dilations=(1, 2))
@@ -89,11 +89,14 @@ def test_training_resumes_and_refuses_other_settings(blob_dir: Path, first_run: 
 
 
 def test_invalid_sequence_and_patch_are_refused(blob_dir: Path, tmp_path: Path) -> None:
-    """An unknown sequence or a patch that is not a multiple of the divisor raises ModelError."""
+    """An unknown sequence, a patch that is not a multiple of the divisor or a thick-slice share
+    outside [0, 1] raises ModelError."""
     with pytest.raises(ModelError, match="sequence"):
         train("dwi", blob_dir, tmp_path / "m", epochs=1)
     with pytest.raises(ModelError, match="multiples of 16"):
         train("t2", blob_dir, tmp_path / "m", epochs=1, patch_size=(40, 40, 40))
+    with pytest.raises(ModelError, match="thick_slice_fraction must be between 0 and 1"):
+        train("t2", blob_dir, tmp_path / "m", epochs=1, thick_slice_fraction=1.5)
 
 
 def test_dice_of_identical_disjoint_and_empty_masks() -> None:
@@ -102,3 +105,11 @@ def test_dice_of_identical_disjoint_and_empty_masks() -> None:
     b = a.copy()
     a[0], b[1] = True, True
     assert dice(a, a) == 1.0 and dice(a, b) == 0.0 and dice(~np.ones_like(a), ~np.ones_like(a)) == 1.0
+
+
+def test_checkpoint_settings_from_before_thick_slices_still_resume() -> None:
+    """A checkpoint written before thick_slice_fraction existed resumes when the share is 0, not otherwise."""
+    old = TrainSettings("t2").to_dict()
+    del old["thick_slice_fraction"]
+    assert TrainSettings("t2").resumable_from(old)
+    assert not TrainSettings("t2", thick_slice_fraction=0.5).resumable_from(old)

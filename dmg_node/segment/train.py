@@ -84,6 +84,7 @@ class TrainSettings:
     def resumable_from(self, other: dict[str, Any]) -> bool:
         """Whether a checkpoint made with ``other`` may continue under these settings."""
         mine = self.to_dict()
+        other = {"thick_slice_fraction": 0.0, **other}  # checkpoints made before the setting existed
         return {k: v for k, v in mine.items() if k != "epochs"} == {k: v for k, v in other.items() if k != "epochs"}
 
     def to_dict(self) -> dict[str, Any]:
@@ -283,6 +284,8 @@ def train(
         raise ModelError(f"sequence must be one of {SEQUENCES}; found {sequence!r}")
     if adv_criterion not in ADV_CRITERIA:
         raise ModelError(f"adv_criterion must be one of {ADV_CRITERIA}; found {adv_criterion!r}")
+    if not 0.0 <= thick_slice_fraction <= 1.0:
+        raise ModelError(f"thick_slice_fraction must be between 0 and 1; found {thick_slice_fraction}")
     settings = TrainSettings(
         sequence, epochs, steps_per_epoch, batch_size, lr, seed, adversarial, adv_weight, adv_criterion,
         val_fraction, thick_slice_fraction=thick_slice_fraction, patch_size=patch_size,
