@@ -7,8 +7,9 @@ looks for a decoded DIMSE message without blocking. With one synchronous C-STORE
 the next request waits on average half of that sleep (and often a whole one) before its handler
 runs, a sixth of an image's time here. :func:`waking_reactor` is the same loop, step for step,
 except that it waits on the DIMSE message queue for up to the same millisecond, so a request is
-served as soon as the DUL thread has decoded it. Release, abort, DUL-death and idle-timeout
-checks run on every pass exactly as before (at least once a millisecond).
+served as soon as the DUL thread has decoded it. Release, abort and DUL-death checks run on every
+pass exactly as before (at least once a millisecond); the idle-timeout check too, except while a
+request is being served (see below and :func:`waking_reactor`).
 
 DUL reactor: pynetdicom's DUL thread looks at its socket and at its outgoing queue without
 blocking and sleeps ``_run_loop_delay`` when both were idle, so each PDU that arrives and each
