@@ -487,7 +487,28 @@ def test_association_limit_refuses_the_excess_cleanly(
     """With maximum_associations = 4 and eight senders at once the excess gets A-ASSOCIATE-RJ, logged
     as "too many associations"; every accepted association stores all it sends and the node serves on."""
     with running_receiver(tmp_path / "spool", min_free_mb=0, node={"maximum_associations": 4}) as rx, capture_logs() as logs:
+        # "At once" must hold on the node's side too: an accepted association that finished before
+        # the last sender connected would rightly free its slot for it. So stores wait until all
+        # eight associations were admitted or refused (at most 30 s).
+        decided = threading.Event()
+        store = rx.spool.store
+
+        def store_once_all_decided(*args: Any, **kwargs: Any) -> Any:
+            decided.wait(30)
+            return store(*args, **kwargs)
+
+        def watch() -> None:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and sum(
+                    e["event"] in ("association_accepted", "association_rejected") for e in list(logs)) < 8:
+                time.sleep(0.01)
+            decided.set()
+
+        rx.spool.store = store_once_all_decided
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
         results = concurrent_storescu(rx.port, eight_series)
+        watcher.join()
         accepted = [r for r in results if r.returncode == 0]
         refused = [r for r in results if r.returncode != 0]
         assert len(accepted) == 4 and len(refused) == 4, [r.returncode for r in results]
