@@ -111,7 +111,10 @@ def _format_status(report: dict[str, Any], settings: config.Settings) -> str:
         lines.append(f"node {live['ae_title']} port {live['port']} pid {live['pid']} up {up / 3600:.1f} h, "
                      f"{live['associations']} association(s) open")
         for seq, m in sorted(live["models"].items()):
-            lines.append(f"  model {seq}: {m['name']} {m['version']} on {m['device']}")
+            members = m.get("members") or [m]
+            lines.append(f"  model {seq}: " + ", then ".join(
+                f"{x['name']} {x['version']}" + (f" (series <= {x['max_spacing_mm']:g} mm)" if x.get("max_spacing_mm") else "")
+                for x in members) + f" on {m['device']}")
     else:
         lines.append(f"node not running (spool {settings.storage.root})")
     states: dict[str, int] = {}
@@ -177,13 +180,18 @@ def cmd_phantom(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from dmg_node.segment.preprocess import PreprocessConfig
     from dmg_node.segment.train import train
 
     logs.configure("info", "console", stream=sys.stderr)
     manifest = train(args.sequence, Path(args.data), Path(args.out), epochs=args.epochs, seed=args.seed,
                      adversarial=not args.no_adversarial, adv_weight=args.adv_weight, device=args.device,
                      resume=not args.no_resume, steps_per_epoch=args.steps_per_epoch,
-                     thick_slice_fraction=args.thick_slice_fraction)
+                     thick_slice_fraction=args.thick_slice_fraction, lr=args.lr,
+                     patch_size=(args.patch, args.patch, args.patch),
+                     preprocess=PreprocessConfig(spacing_mm=args.spacing),
+                     init_from=Path(args.init_from) if args.init_from else None,
+                     max_spacing_mm=args.max_spacing_mm)
     print(json.dumps({"model": str(args.out), "sequence": manifest.sequence, "metrics": manifest.metrics}, indent=2))
     return EXIT_OK
 
@@ -238,7 +246,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         return EXIT_OK
     save_rtstruct(contour.dataset, Path(args.out))
     ml = contour.voxels * float(np.prod(contour.volume.spacing)) / 1000.0
-    print(f"{args.out}: {label.value} ({reason}); {ml:.1f} ml contoured by {model.name} {model.version}. "
+    print(f"{args.out}: {label.value} ({reason}); {ml:.1f} ml contoured by {contour.model.name} {contour.model.version}. "
           "AI-generated, UNAPPROVED: review before clinical use.")
     return EXIT_OK
 
@@ -306,6 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--adv-weight", type=float, default=0.05)
     s.add_argument("--thick-slice-fraction", type=float, default=0.0,
                    help="share of patches seen as 3-6 mm axial slices (3D training data, 2D clinical series)")
+    s.add_argument("--lr", type=float, default=3e-3, help="initial learning rate (cosine decay over the epochs)")
+    s.add_argument("--spacing", type=float, default=2.0, help="model grid in mm (isotropic)")
+    s.add_argument("--patch", type=int, default=48, help="patch edge in model-grid voxels (a multiple of 16)")
+    s.add_argument("--init-from", help="start from this model folder's generator weights (fine-tuning)")
+    s.add_argument("--max-spacing-mm", type=float, default=None,
+                   help="manifest: coarsest series (largest voxel spacing) the model is meant for; default any")
     s.add_argument("--device", default="auto")
     s.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
     s.set_defaults(func=cmd_train)

@@ -84,9 +84,11 @@ class Destination:
 class ModelsSettings:
     dir: Path = Path("models")
     device: str = "auto"
-    t1c: str = "demo-t1c"
-    t2: str = "demo-t2"
-    flair: str = "demo-flair"
+    # Model folder names per sequence, in order of preference: a series goes to the first whose
+    # manifest admits its voxel spacing (dmg_node.segment.routing). TOML takes a string or an array.
+    t1c: tuple[str, ...] = ("demo-t1c",)
+    t2: tuple[str, ...] = ("demo-t2-3d", "demo-t2")
+    flair: tuple[str, ...] = ("demo-flair",)
 
 
 @dataclass(frozen=True)
@@ -209,6 +211,8 @@ _RANGES: dict[str, tuple[float, float]] = {
 # Field names whose TOML key is a Python keyword.
 _TOML_KEYS = {"import_": "import"}
 _AE_KEYS = {"node.ae_title", "destinations.ae_title", "access.allowed_calling_aets"}
+# Array keys that also take a single string (read as a one-element array).
+_ONE_OR_MANY = {"models.t1c", "models.t2", "models.flair"}
 
 
 def load(path: Path | str | None = None) -> Settings:
@@ -279,6 +283,8 @@ def _convert(hint: Any, value: Any, key: str, where: str) -> Any:
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, key + ".", where)  # type: ignore[arg-type]
     if origin is tuple:
+        if isinstance(value, str) and generic_key in _ONE_OR_MANY:
+            value = [value]
         if not isinstance(value, list):
             raise ConfigError(f"{where}: {key!r} must be an array, found {_tname(value)}")
         return tuple(_convert(args[0], v, f"{key}[{i}]", where) for i, v in enumerate(value))
@@ -351,6 +357,11 @@ def _check_cross_rules(settings: Settings, where: str) -> None:
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ConfigError(f"{where}: destinations.name must be unique; {dupes[0]!r} appears twice")
+    for seq in ("t1c", "t2", "flair"):
+        folders = getattr(settings.models, seq)
+        if not folders or any(not f.strip() for f in folders):
+            raise ConfigError(f"{where}: 'models.{seq}' must name one or more model folders under models.dir "
+                              f"(a string or an array of non-empty strings); found {list(folders)}")
     if settings.models.device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", settings.models.device):
         raise ConfigError(
             f"{where}: 'models.device' must be auto, cpu, cuda or cuda:N; found {settings.models.device!r}"

@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import structlog
@@ -34,6 +34,7 @@ from dmg_node.errors import ConfigError, DmgNodeError, ModelError, RtStructError
 from dmg_node.fsutil import atomic_write
 from dmg_node.receive import Receiver
 from dmg_node.rtstruct import RoiSpec, RtStructMeta, build_rtstruct
+from dmg_node.segment.routing import ModelSet, Routable
 from dmg_node.send import OutboxWorker
 from dmg_node.spool import Job, JobState, Spool
 from dmg_node.volume import Volume, build_volume
@@ -42,19 +43,6 @@ from dmg_node.watch import Watcher
 log = structlog.get_logger(__name__)
 
 STATUS_FILE = "node-status.json"
-
-
-class SegmenterLike(Protocol):
-    @property
-    def name(self) -> str: ...
-    @property
-    def version(self) -> str: ...
-    @property
-    def sequence(self) -> str: ...
-    @property
-    def device(self) -> Any: ...
-
-    def predict(self, volume: Volume) -> np.ndarray[Any, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -73,8 +61,9 @@ FALLBACK_POLL_SECONDS = 30.0
 RETENTION_EVERY_SECONDS = 3600.0
 
 
-def model_dir(settings: Settings, label: Label) -> Path:
-    return settings.models.dir / str(getattr(settings.models, label.value))
+def model_dirs(settings: Settings, label: Label) -> list[Path]:
+    """The model folders configured for one sequence, in order of preference."""
+    return [settings.models.dir / name for name in getattr(settings.models, label.value)]
 
 
 def folder_signature(folder: Path) -> tuple[tuple[str, int, int], ...]:
@@ -85,14 +74,13 @@ def folder_signature(folder: Path) -> tuple[tuple[str, int, int], ...]:
         return ()
 
 
-def load_model(settings: Settings, label: Label) -> SegmenterLike | None:
-    """Load one sequence's model; a missing or invalid one is logged and None returned."""
+def load_segmenter(settings: Settings, label: Label, folder: Path) -> Routable | None:
+    """Load the model in one folder; a missing or invalid one is logged and None returned."""
     from dmg_node.segment.infer import PostprocessConfig, Segmenter  # torch import is slow: only when serving
 
-    folder = model_dir(settings, label)
     try:
-        model: SegmenterLike = Segmenter.load(
-            folder, device=settings.models.device,
+        model: Routable = Segmenter.load(
+            folder, device=settings.models.device, sequence=label.value,
             postprocess=PostprocessConfig(min_volume_mm3=settings.rtstruct.min_volume_mm3))
     except ModelError as exc:
         log.error("model_unavailable", sequence=label.value, model_dir=str(folder), error=str(exc))
@@ -100,15 +88,21 @@ def load_model(settings: Settings, label: Label) -> SegmenterLike | None:
     return model  # Segmenter.load logs model_loaded (with backend and threads)
 
 
-def load_models(settings: Settings) -> dict[Label, SegmenterLike]:
-    """Load the model configured for each sequence; a missing or invalid one is logged and skipped."""
+def load_model(settings: Settings, label: Label) -> ModelSet | None:
+    """The models configured for one sequence that load; None (logged) when none does."""
+    members = [m for folder in model_dirs(settings, label) if (m := load_segmenter(settings, label, folder)) is not None]
+    return ModelSet(members) if members else None
+
+
+def load_models(settings: Settings) -> dict[Label, ModelSet]:
+    """Load the models configured for each sequence; a missing or invalid one is logged and skipped."""
     return {label: m for label in ROUTED if (m := load_model(settings, label)) is not None}
 
 
 class Pipeline:
     """Processes one complete study: classify, choose, segment, build RTSTRUCTs, queue them."""
 
-    def __init__(self, settings: Settings, spool: Spool, models: dict[Label, SegmenterLike]) -> None:
+    def __init__(self, settings: Settings, spool: Spool, models: dict[Label, ModelSet]) -> None:
         self.settings, self.spool, self.models = settings, spool, models
         self.rules = compile_rules(settings.classify.overrides())
 
@@ -171,20 +165,24 @@ class Contour:
     voxels: int
     volume: Volume
     mask: np.ndarray[Any, Any]
+    model: Routable
 
 
-def contour_series(datasets: list[Dataset], label: Label, model: SegmenterLike, rt: RtStructSettings) -> Contour:
+def contour_series(datasets: list[Dataset], label: Label, models: ModelSet, rt: RtStructSettings) -> Contour:
     """Series datasets -> volume -> model mask -> RTSTRUCT (the segment and rtstruct stages).
+
+    The series goes to the first of the sequence's models meant for its voxel spacing.
 
     Raises
     ------
     SeriesError
-        The datasets do not make one volume.
+        The datasets do not make one volume, or no configured model is meant for its spacing.
     RtStructError
         The RTSTRUCT cannot be built.
     """
     volume = build_volume(datasets)
     series_uid = volume.series_instance_uid
+    model = models.for_volume(volume)
     t0 = time.perf_counter()
     mask = model.predict(volume).astype(bool)
     voxels = int(np.count_nonzero(mask))
@@ -193,7 +191,7 @@ def contour_series(datasets: list[Dataset], label: Label, model: SegmenterLike, 
     if voxels == 0:
         log.info("no_tumour_found", label=label.value, series_uid=series_uid, send_empty=rt.send_empty)
         if not rt.send_empty:
-            return Contour(None, 0, volume, mask)
+            return Contour(None, 0, volume, mask, model)
     meta = RtStructMeta(sop_instance_uid=generate_uid(prefix=None), series_instance_uid=generate_uid(prefix=None),
                         created=datetime.datetime.now().astimezone())
     roi = RoiSpec(name=rt.roi_name(label.value), color=(rt.color[0], rt.color[1], rt.color[2]),
@@ -203,13 +201,13 @@ def contour_series(datasets: list[Dataset], label: Label, model: SegmenterLike, 
     except RtStructError as exc:
         log.error("rtstruct_failed", label=label.value, series_uid=series_uid, error=str(exc))
         raise
-    return Contour(ds, voxels, volume, mask)
+    return Contour(ds, voxels, volume, mask, model)
 
 
 class Node:
     """The running node. ``start()`` then ``wait()``; ``request_stop()`` from a signal handler."""
 
-    def __init__(self, settings: Settings, *, models: dict[Label, SegmenterLike] | None = None) -> None:
+    def __init__(self, settings: Settings, *, models: dict[Label, ModelSet] | None = None) -> None:
         self.settings = settings
         self.spool = Spool(settings.storage.root, fsync=settings.storage.fsync)
         self.receiver = Receiver(settings, self.spool)
@@ -218,8 +216,10 @@ class Node:
         self._threads: list[threading.Thread] = []
         self._outbox: dict[str, tuple[OutboxWorker, threading.Event]] = {}
         self._fixed_models = models is not None
-        self._models: dict[Label, SegmenterLike] = dict(models or {})
-        self._model_sigs: dict[Label, tuple[tuple[str, int, int], ...]] = {}
+        self._models: dict[Label, ModelSet] = dict(models or {})
+        self._loaded: dict[Path, Routable] = {}  # model folder -> the model last loaded from it
+        self._model_sigs: dict[Path, tuple[tuple[str, int, int], ...]] = {}
+        self._sets_stale = False
         self._config_text = self._read_config_text()
         self._watcher: Watcher | None = None
         self.started = time.time()
@@ -230,8 +230,11 @@ class Node:
         log.info("spool_reconciled", root=str(self.spool.root), **counts)
         if not self._fixed_models:
             for label in ROUTED:
-                self._model_sigs[label] = folder_signature(model_dir(self.settings, label))
-            self._models.update(load_models(self.settings))
+                for folder in model_dirs(self.settings, label):
+                    self._model_sigs[folder] = folder_signature(folder)
+                    if folder not in self._loaded and (m := load_segmenter(self.settings, label, folder)) is not None:
+                        self._loaded[folder] = m
+            self._rebuild_model_sets()
         self.pipeline = Pipeline(self.settings, self.spool, self._models)
         self.receiver.start()
         self._start_watcher()
@@ -379,22 +382,37 @@ class Node:
 
     def _maybe_reload_models(self) -> None:
         """Load a new or replaced model once its folder is stable; the old one serves until then."""
+        changed = False
         for label in ROUTED:
-            folder = model_dir(self.settings, label)
-            sig = folder_signature(folder)
-            if sig == self._model_sigs.get(label) or not sig:
-                continue
-            newest = max(mtime for _name, _size, mtime in sig) / 1e9
-            if time.time() - newest < SETTLE_SECONDS:
-                continue  # still being copied: the next wake-up (or the fallback poll) looks again
-            self._model_sigs[label] = sig
-            model = load_model(self.settings, label)
-            if model is None:
-                log.warning("model_reload_failed", sequence=label.value, model_dir=str(folder),
-                            kept=getattr(self._models.get(label), "version", None))
-                continue
-            self._models[label] = model
-            log.info("model_reloaded", sequence=label.value, model=model.name, version=model.version)
+            for folder in model_dirs(self.settings, label):
+                sig = folder_signature(folder)
+                if sig == self._model_sigs.get(folder) or not sig:
+                    continue
+                newest = max(mtime for _name, _size, mtime in sig) / 1e9
+                if time.time() - newest < SETTLE_SECONDS:
+                    continue  # still being copied: the next wake-up (or the fallback poll) looks again
+                self._model_sigs[folder] = sig
+                model = load_segmenter(self.settings, label, folder)
+                old = self._loaded.get(folder)
+                if model is None:
+                    log.warning("model_reload_failed", sequence=label.value, model_dir=str(folder),
+                                kept=getattr(old, "version", None))
+                    continue
+                self._loaded[folder] = model
+                changed = True
+                log.info("model_reloaded", sequence=label.value, model=model.name, version=model.version)
+        if changed or self._sets_stale:
+            self._rebuild_model_sets()
+
+    def _rebuild_model_sets(self) -> None:
+        """Each sequence's models, in the configured order, from the folders that loaded."""
+        self._sets_stale = False
+        for label in ROUTED:
+            members = [self._loaded[f] for f in model_dirs(self.settings, label) if f in self._loaded]
+            if members:
+                self._models[label] = ModelSet(members)
+            else:
+                self._models.pop(label, None)
 
     def _read_config_text(self) -> str | None:
         src = self.settings.source
@@ -432,7 +450,8 @@ class Node:
         if old.destinations != new.destinations or old.outbox != new.outbox:
             self._sync_outbox_workers(restart_all=old.outbox != new.outbox)
         if old.models != new.models and not self._fixed_models:
-            self._model_sigs.clear()  # reload every sequence from the new folders
+            self._model_sigs.clear()  # reload every configured folder (the folders or the device may differ)
+            self._sets_stale = True  # and regroup them as configured now
         if restart:
             log.warning("config_change_needs_restart", keys=restart)
         if live:
@@ -464,7 +483,8 @@ class Node:
             "pid": os.getpid(), "version": __version__, "started_at": self.started, "updated_at": time.time(),
             "ae_title": self.settings.node.ae_title, "port": self.receiver.port,
             "associations": self.receiver.active_associations(),
-            "models": {k.value: {"name": m.name, "version": m.version, "device": str(m.device)} for k, m in models.items()},
+            "models": {k.value: {"name": m.name, "version": m.version, "device": str(m.device), "members": m.describe()}
+                       for k, m in models.items()},
         }
         try:
             atomic_write(self.spool.root / STATUS_FILE, json.dumps(state).encode(), sync=False)

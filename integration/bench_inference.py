@@ -2,10 +2,11 @@
 
 Usage: python -m integration.bench_inference [--repeats 3] [--models models]
 
-Two volumes are cut from one phantom (dmg_node.segment.phantom, seed 4242): a 256x256x24 axial
-T2 (0.9 x 0.9 x 6 mm) and a 3D 1 mm T1C (176 sagittal slices of 256x256). Each (volume,
-backend) pair runs in a fresh process that loads the demo model for that sequence (a randomly
-initialised one of the same size if absent) and times ``Segmenter.predict`` (median of the
+Three volumes are cut from one phantom (dmg_node.segment.phantom, seed 4242): a 256x256x24 axial
+T2 (0.9 x 0.9 x 6 mm), a 3D 1 mm T2 and a 3D 1 mm T1C (176 sagittal slices of 256x256). Each
+(volume, backend) pair runs in a fresh process that loads the models the default config lists
+for that sequence and picks the one the node would (by voxel spacing; a randomly initialised
+model of the default size if none is present), and times ``Segmenter.predict`` (median of the
 repeats, after one warm-up); peak memory is that process's VmHWM. Prints a Markdown table.
 """
 
@@ -23,10 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
+SAGITTAL = np.array([[0, 0, 1], [1, 0, 0], [0, -1, 0]], float).T
 VOLUMES = {
     # name: (sequence, array shape (slices, rows, cols), spacing (col, row, slice) mm, direction columns)
     "T2 axial 256x256x24": ("t2", (24, 256, 256), (0.9, 0.9, 6.0), np.eye(3)),
-    "T1C 3D 1 mm 176x256x256": ("t1c", (176, 256, 256), (1.0, 1.0, 1.0), np.array([[0, 0, 1], [1, 0, 0], [0, -1, 0]], float).T),
+    "T2 3D 1 mm 176x256x256": ("t2", (176, 256, 256), (1.0, 1.0, 1.0), SAGITTAL),
+    "T1C 3D 1 mm 176x256x256": ("t1c", (176, 256, 256), (1.0, 1.0, 1.0), SAGITTAL),
 }
 BACKENDS = ("torch", "onnx")
 
@@ -48,23 +51,26 @@ def make_volumes(folder: Path) -> None:
 
 def worker(volume_file: Path, backend: str, models: Path, repeats: int) -> None:
     """Run in a child process: load, warm up, time ``repeats`` predictions, print JSON."""
+    from dmg_node import config
     from dmg_node.segment.data import array_volume
     from dmg_node.segment.export import save_model
     from dmg_node.segment.infer import Segmenter
     from dmg_node.segment.manifest import RESEARCH_USE
     from dmg_node.segment.network import Generator
     from dmg_node.segment.preprocess import PreprocessConfig
+    from dmg_node.segment.routing import ModelSet
 
     with np.load(volume_file) as npz:
         volume = array_volume(npz["array"], npz["affine"])
         sequence = str(npz["sequence"])
-    model_dir = models / f"demo-{sequence}"
+    folders = [models / name for name in getattr(config.from_dict({}).models, sequence)]
     with tempfile.TemporaryDirectory() as tmp:
-        if not (model_dir / "manifest.json").is_file():
-            model_dir = Path(tmp) / "random"
-            save_model(model_dir, Generator(), sequence=sequence, preprocess=PreprocessConfig(),
+        folders = [f for f in folders if (f / "manifest.json").is_file()]
+        if not folders:
+            folders = [Path(tmp) / "random"]
+            save_model(folders[0], Generator(), sequence=sequence, preprocess=PreprocessConfig(),
                        patch_size=(48, 48, 48), version="0", intended_use=RESEARCH_USE)
-        segmenter = Segmenter.load(model_dir, "cpu", backend=backend)
+        segmenter = ModelSet([Segmenter.load(f, "cpu", backend=backend) for f in folders]).for_volume(volume)
         segmenter.predict(volume)
         times = []
         for _ in range(repeats):
@@ -73,7 +79,7 @@ def worker(volume_file: Path, backend: str, models: Path, repeats: int) -> None:
             times.append(time.perf_counter() - start)
     peak_kb = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
                    if line.startswith("VmHWM:"))
-    print(json.dumps({"seconds": statistics.median(times), "peak_gb": peak_kb / 1024**2, "model": model_dir.name}))
+    print(json.dumps({"seconds": statistics.median(times), "peak_gb": peak_kb / 1024**2, "model": segmenter.name}))
 
 
 def main() -> None:

@@ -74,3 +74,21 @@ def test_segment_writes_a_valid_rtstruct_offline(tmp_path: Path, capsys: pytest.
     loc = write_series(tmp_path / "loc", 3, description="AAHead_Scout")
     assert main(["segment", str(loc[0].parent), "--out", str(out), "--config", str(cfg)]) == 1
     assert "--sequence to override" in capsys.readouterr().err
+
+
+def test_status_lists_each_sequences_models_in_order() -> None:
+    """`status` names every model of a sequence, in the order series are offered to them."""
+    import time
+
+    from dmg_node import config
+    from dmg_node.cli import _format_status
+
+    members = [{"name": "demo-t2-3d", "version": "0.1.0", "device": "cpu/onnx", "max_spacing_mm": 2.0},
+               {"name": "demo-t2", "version": "0.2.0", "device": "cpu/onnx", "max_spacing_mm": None}]
+    node = {"ae_title": "DMG_NODE", "port": 11112, "pid": 1, "started_at": time.time(), "associations": 0,
+            "models": {"t2": {"name": "demo-t2-3d+demo-t2", "version": "0.1.0+0.2.0", "device": "cpu/onnx",
+                              "members": members},
+                       "flair": {"name": "demo-flair", "version": "0.1.0", "device": "cpu/onnx"}}}
+    text = _format_status({"node": node, "studies": [], "outbox": []}, config.from_dict({}))
+    assert "model t2: demo-t2-3d 0.1.0 (series <= 2 mm), then demo-t2 0.2.0 on cpu/onnx" in text
+    assert "model flair: demo-flair 0.1.0 on cpu/onnx" in text  # a status file written before model lists

@@ -36,6 +36,15 @@ def test_every_dataclass_default_matches_shipped_file() -> None:
         assert getattr(shipped, section) == getattr(empty, section), section
 
 
+def test_models_take_a_name_or_an_ordered_list(tmp_path: Path) -> None:
+    """A sequence's model is one folder name (older configs) or several in order of preference."""
+    s = config.load(_write(tmp_path, '[models]\nt1c = "my-t1c"\nt2 = ["t2-3d", "t2-2d"]\n'))
+    assert s.models.t1c == ("my-t1c",)
+    assert s.models.t2 == ("t2-3d", "t2-2d")
+    assert s.models.flair == ("demo-flair",)
+    assert config.from_dict({}).models.t2 == ("demo-t2-3d", "demo-t2")
+
+
 def test_empty_file_gives_defaults(tmp_path: Path) -> None:
     """An empty file is valid: every key has a default."""
     s = config.load(_write(tmp_path, ""))
@@ -57,6 +66,9 @@ def test_empty_file_gives_defaults(tmp_path: Path) -> None:
         ("[[destinations]]\nname = \"a\"\nhost = \"h\"\nport = 5\n", "missing required key 'destinations[0].ae_title'"),
         ("[logging]\nformat = \"xml\"\n", "'logging.format' must be one of json, console"),
         ("[models]\ndevice = \"tpu\"\n", "'models.device' must be auto, cpu"),
+        ("[models]\nt2 = []\n", "'models.t2' must name one or more model folders"),
+        ("[models]\nt1c = [\"a\", \" \"]\n", "'models.t1c' must name one or more model folders"),
+        ("[models]\nflair = 3\n", "'models.flair' must be an array"),
         ("[rtstruct]\ncolor = [255, 0]\n", "'rtstruct.color' must be three integers"),
         ("[storage]\nfsync = \"yes\"\n", "'storage.fsync' must be true or false"),
         ("node = 5\n", "[node] must be a table"),

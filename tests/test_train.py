@@ -97,6 +97,29 @@ def test_invalid_sequence_and_patch_are_refused(blob_dir: Path, tmp_path: Path) 
         train("t2", blob_dir, tmp_path / "m", epochs=1, patch_size=(40, 40, 40))
     with pytest.raises(ModelError, match="thick_slice_fraction must be between 0 and 1"):
         train("t2", blob_dir, tmp_path / "m", epochs=1, thick_slice_fraction=1.5)
+    with pytest.raises(ModelError, match="grid spacing must be between 0 and 10 mm"):
+        train("t2", blob_dir, tmp_path / "m", epochs=1, preprocess=PreprocessConfig(spacing_mm=0.0))
+    with pytest.raises(ModelError, match="lr must be a positive number"):
+        train("t2", blob_dir, tmp_path / "m", epochs=1, lr=0.0)
+    with pytest.raises(ModelError, match="max_spacing_mm must be a positive number"):
+        train("t2", blob_dir, tmp_path / "m", epochs=1, max_spacing_mm=-1.0)
+
+
+def test_train_command_sets_grid_patch_lr_and_max_spacing(blob_dir: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """`dmg-node train --spacing --patch --lr --max-spacing-mm` reach the manifest; a bad value is a
+    one-line error with exit code 1."""
+    from dmg_node.cli import EXIT_FAILURE, EXIT_OK, main
+
+    out = tmp_path / "fine"
+    args = ["train", "--sequence", "t2", "--data", str(blob_dir), "--out", str(out), "--epochs", "1",
+            "--steps-per-epoch", "1", "--device", "cpu", "--spacing", "4", "--patch", "32", "--lr", "1e-3"]
+    assert main([*args, "--max-spacing-mm", "2"]) == EXIT_OK
+    manifest = load_manifest(out, "t2")
+    assert manifest.preprocess.spacing_mm == 4.0 and manifest.patch_size == (32, 32, 32)
+    assert manifest.max_spacing_mm == 2.0 and manifest.training["settings"]["lr"] == 1e-3
+    assert main([*args, "--out", str(tmp_path / "bad"), "--patch", "40"]) == EXIT_FAILURE
+    assert "multiples of 16" in capsys.readouterr().err
 
 
 def test_dice_of_identical_disjoint_and_empty_masks() -> None:

@@ -92,6 +92,7 @@ def save_model(
     threshold: float = 0.5,
     training: dict[str, Any] | None = None,
     metrics: dict[str, float] | None = None,
+    max_spacing_mm: float | None = None,
 ) -> Manifest:
     """Write a complete model folder: torch weights, ONNX graph, then the manifest with hashes.
 
@@ -112,6 +113,7 @@ def save_model(
         training=training or {},
         metrics=metrics or {},
         intended_use=intended_use,
+        max_spacing_mm=max_spacing_mm,
     )
     write_manifest(model_dir, manifest)
     return manifest

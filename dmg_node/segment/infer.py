@@ -251,6 +251,11 @@ class Segmenter:
         """Model version from the manifest."""
         return self.manifest.version
 
+    @property
+    def max_spacing_mm(self) -> float | None:
+        """Coarsest series voxel spacing the model is meant for (manifest; None = any)."""
+        return self.manifest.max_spacing_mm
+
     @classmethod
     def load(
         cls,

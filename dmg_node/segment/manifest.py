@@ -65,6 +65,10 @@ class Manifest:
     intended_use
         States that the model is not for clinical use (:data:`DEMO_USE` for the phantom-trained
         demo models, :data:`RESEARCH_USE` otherwise).
+    max_spacing_mm
+        The coarsest series this model is meant for: a series whose largest voxel spacing (the
+        slice spacing of a 2D series) exceeds this many mm goes to the next model configured for
+        the sequence (:mod:`dmg_node.segment.routing`). ``None`` (the default): any series.
     """
 
     name: str
@@ -79,6 +83,11 @@ class Manifest:
     metrics: dict[str, float] = field(default_factory=dict)
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     intended_use: str = RESEARCH_USE
+    max_spacing_mm: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_spacing_mm is not None and not self.max_spacing_mm > 0:
+            raise ModelError(f"manifest max_spacing_mm must be a positive number of mm; found {self.max_spacing_mm!r}")
 
     def to_json(self) -> str:
         """The manifest as indented JSON text."""
@@ -89,6 +98,7 @@ class Manifest:
             "version": self.version,
             "created": self.created,
             "intended_use": self.intended_use,
+            **({} if self.max_spacing_mm is None else {"max_spacing_mm": self.max_spacing_mm}),
             "generator": self.generator.to_dict(),
             "preprocess": self.preprocess.to_dict(),
             "patch_size": list(self.patch_size),
@@ -128,6 +138,7 @@ class Manifest:
                 threshold=float(data["threshold"]),
                 training=dict(data.get("training", {})),
                 metrics={str(k): float(v) for k, v in data.get("metrics", {}).items()},
+                max_spacing_mm=None if data.get("max_spacing_mm") is None else float(data["max_spacing_mm"]),
             )
         except json.JSONDecodeError as exc:
             raise ModelError(f"manifest must be JSON; parsing failed: {exc}") from exc

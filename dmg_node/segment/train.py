@@ -224,6 +224,7 @@ def train(
     version: str = "0.1.0",
     intended_use: str = RESEARCH_USE,
     data_description: str = "",
+    max_spacing_mm: float | None = None,
 ) -> Manifest:
     """Train a model for ``sequence`` on the labelled cases in ``data_dir``; write ``out_dir``.
 
@@ -267,6 +268,10 @@ def train(
         Stop after the last epoch that fits in this many seconds.
     version, intended_use, data_description
         Written to the manifest.
+    max_spacing_mm
+        Written to the manifest: the coarsest series (largest voxel spacing, mm) the model is
+        meant for, so a fine-grid model for 3D series can be listed before a model for 2D
+        series of thick slices (:mod:`dmg_node.segment.routing`). None: any series.
 
     Returns
     -------
@@ -286,12 +291,18 @@ def train(
         raise ModelError(f"adv_criterion must be one of {ADV_CRITERIA}; found {adv_criterion!r}")
     if not 0.0 <= thick_slice_fraction <= 1.0:
         raise ModelError(f"thick_slice_fraction must be between 0 and 1; found {thick_slice_fraction}")
+    if max_spacing_mm is not None and not max_spacing_mm > 0:
+        raise ModelError(f"max_spacing_mm must be a positive number of mm; found {max_spacing_mm}")
     settings = TrainSettings(
         sequence, epochs, steps_per_epoch, batch_size, lr, seed, adversarial, adv_weight, adv_criterion,
         val_fraction, thick_slice_fraction=thick_slice_fraction, patch_size=patch_size,
         generator=generator or GeneratorConfig(),
         preprocess=preprocess or PreprocessConfig(),
     )
+    if not 0.0 < settings.preprocess.spacing_mm <= 10.0:
+        raise ModelError(f"the model grid spacing must be between 0 and 10 mm; found {settings.preprocess.spacing_mm}")
+    if not lr > 0.0:
+        raise ModelError(f"lr must be a positive number; found {lr}")
     if any(p % settings.generator.divisor for p in patch_size):
         raise ModelError(f"patch_size must be multiples of {settings.generator.divisor}; found {patch_size}")
     work = work_dir or out_dir / "work"
@@ -412,6 +423,7 @@ def train(
             "seconds": round(time.monotonic() - started, 1),
         },
         metrics=metrics,
+        max_spacing_mm=max_spacing_mm,
     )
     log.info(
         "training_finished", sequence=sequence, out_dir=str(out_dir), best_epoch=state["best_epoch"],
