@@ -94,11 +94,6 @@ def load_model(settings: Settings, label: Label) -> ModelSet | None:
     return ModelSet(members) if members else None
 
 
-def load_models(settings: Settings) -> dict[Label, ModelSet]:
-    """Load the models configured for each sequence; a missing or invalid one is logged and skipped."""
-    return {label: m for label in ROUTED if (m := load_model(settings, label)) is not None}
-
-
 class Pipeline:
     """Processes one complete study: classify, choose, segment, build RTSTRUCTs, queue them."""
 
@@ -217,8 +212,10 @@ class Node:
         self._outbox: dict[str, tuple[OutboxWorker, threading.Event]] = {}
         self._fixed_models = models is not None
         self._models: dict[Label, ModelSet] = dict(models or {})
-        self._loaded: dict[Path, Routable] = {}  # model folder -> the model last loaded from it
-        self._model_sigs: dict[Path, tuple[tuple[str, int, int], ...]] = {}
+        # (sequence, model folder) -> the model last loaded from it for that sequence, and the
+        # folder's signature then: a folder listed under two sequences is loaded (and checked) for each
+        self._loaded: dict[tuple[Label, Path], Routable] = {}
+        self._model_sigs: dict[tuple[Label, Path], tuple[tuple[str, int, int], ...]] = {}
         self._sets_stale = False
         self._config_text = self._read_config_text()
         self._watcher: Watcher | None = None
@@ -229,11 +226,8 @@ class Node:
         counts = self.spool.reconcile()
         log.info("spool_reconciled", root=str(self.spool.root), **counts)
         if not self._fixed_models:
-            for label in ROUTED:
-                for folder in model_dirs(self.settings, label):
-                    self._model_sigs[folder] = folder_signature(folder)
-                    if folder not in self._loaded and (m := load_segmenter(self.settings, label, folder)) is not None:
-                        self._loaded[folder] = m
+            for label, folder in self._configured_folders():
+                self._load_folder(label, folder, folder_signature(folder))
             self._rebuild_model_sets()
         self.pipeline = Pipeline(self.settings, self.spool, self._models)
         self.receiver.start()
@@ -383,32 +377,40 @@ class Node:
     def _maybe_reload_models(self) -> None:
         """Load a new or replaced model once its folder is stable; the old one serves until then."""
         changed = False
-        for label in ROUTED:
-            for folder in model_dirs(self.settings, label):
-                sig = folder_signature(folder)
-                if sig == self._model_sigs.get(folder) or not sig:
-                    continue
-                newest = max(mtime for _name, _size, mtime in sig) / 1e9
-                if time.time() - newest < SETTLE_SECONDS:
-                    continue  # still being copied: the next wake-up (or the fallback poll) looks again
-                self._model_sigs[folder] = sig
-                model = load_segmenter(self.settings, label, folder)
-                old = self._loaded.get(folder)
-                if model is None:
-                    log.warning("model_reload_failed", sequence=label.value, model_dir=str(folder),
-                                kept=getattr(old, "version", None))
-                    continue
-                self._loaded[folder] = model
-                changed = True
-                log.info("model_reloaded", sequence=label.value, model=model.name, version=model.version)
+        for label, folder in self._configured_folders():
+            sig = folder_signature(folder)
+            if sig == self._model_sigs.get((label, folder)) or not sig:
+                continue
+            newest = max(mtime for _name, _size, mtime in sig) / 1e9
+            if time.time() - newest < SETTLE_SECONDS:
+                continue  # still being copied: the next wake-up (or the fallback poll) looks again
+            old = self._loaded.get((label, folder))
+            model = self._load_folder(label, folder, sig)
+            if model is None:
+                log.warning("model_reload_failed", sequence=label.value, model_dir=str(folder),
+                            kept=getattr(old, "version", None))
+                continue
+            changed = True
+            log.info("model_reloaded", sequence=label.value, model=model.name, version=model.version)
         if changed or self._sets_stale:
             self._rebuild_model_sets()
+
+    def _configured_folders(self) -> list[tuple[Label, Path]]:
+        return [(label, folder) for label in ROUTED for folder in model_dirs(self.settings, label)]
+
+    def _load_folder(self, label: Label, folder: Path, sig: tuple[tuple[str, int, int], ...]) -> Routable | None:
+        """Load one configured folder for one sequence (recording the signature it had); None if it fails."""
+        self._model_sigs[(label, folder)] = sig
+        model = load_segmenter(self.settings, label, folder)
+        if model is not None:
+            self._loaded[(label, folder)] = model
+        return model
 
     def _rebuild_model_sets(self) -> None:
         """Each sequence's models, in the configured order, from the folders that loaded."""
         self._sets_stale = False
         for label in ROUTED:
-            members = [self._loaded[f] for f in model_dirs(self.settings, label) if f in self._loaded]
+            members = [self._loaded[(label, f)] for f in model_dirs(self.settings, label) if (label, f) in self._loaded]
             if members:
                 self._models[label] = ModelSet(members)
             else:

@@ -82,3 +82,21 @@ def test_a_model_added_or_replaced_later_joins_the_set_without_a_restart(tmp_pat
     failed = [e for e in logs if e["event"] == "model_reload_failed"]
     assert failed and failed[0]["kept"] == "1.0.0"
     assert node._models[Label.T2].name == "fine+any"
+
+
+def test_a_folder_listed_for_two_sequences_serves_only_the_one_its_manifest_names(tmp_path: Path) -> None:
+    """A T2 model also listed under flair is refused there, at start and on reload: FLAIR series
+    must never reach a T2 model because the folder was loaded once for T2."""
+    models = tmp_path / "models"
+    _model(models / "t2-model")
+    settings = config.from_dict({
+        "node": {"host": LOCALHOST, "port": free_port()},
+        "storage": {"root": str(tmp_path / "spool"), "min_free_mb": 0},
+        "models": {"dir": str(models), "device": "cpu", "t2": "t2-model", "flair": "t2-model"},
+    })
+    node = Node(settings)
+    with capture_logs() as logs:
+        node._maybe_reload_models()
+    assert node._models[Label.T2].name == "t2-model"
+    assert Label.FLAIR not in node._models
+    assert [e["sequence"] for e in logs if e["event"] == "model_unavailable"] == ["flair"]
