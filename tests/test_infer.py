@@ -241,3 +241,19 @@ def test_demo_model_onnx_and_torch_agree_on_a_phantom(fresh_phantoms: list[Phant
     by_onnx = sliding_window_probability(onnx_predictor(folder / ONNX_WEIGHTS, 2), image, manifest.patch_size)
     assert float(np.abs(by_torch - by_onnx).max()) < 1e-3
     assert float(np.mean((by_torch > 0.5) == (by_onnx > 0.5))) >= 0.999
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run where a GPU is lent)")
+def test_demo_model_on_the_gpu_agrees_with_onnx_runtime_on_the_cpu(fresh_phantoms: list[PhantomCase]) -> None:
+    """The torch backend on CUDA (float16 autocast) gives the mask of ONNX Runtime on the CPU.
+
+    Before the fix of torch_predictor (logits returned on the input's device), any CUDA
+    inference failed inside MONAI's sliding window with a cuda/cpu device mismatch.
+    """
+    case = fresh_phantoms[0]
+    volume = array_volume(case.images["t2"], case.affine)
+    on_gpu = Segmenter.load(MODELS / "demo-t2", "cuda", backend="torch").predict(volume)
+    on_cpu = Segmenter.load(MODELS / "demo-t2", "cpu", backend="onnx").predict(volume)
+    assert on_gpu.shape == on_cpu.shape
+    assert dice(np.asarray(on_gpu) > 0, np.asarray(on_cpu) > 0) >= 0.99

@@ -103,12 +103,15 @@ def resolve_device(device: str) -> torch.device:
 
 
 def torch_predictor(generator: torch.nn.Module, device: torch.device) -> Predictor:
-    """Logits from the torch generator (float16 autocast on GPU only: bf16 on CPU is far slower)."""
+    """Logits from the torch generator (float16 autocast on GPU only: bf16 on CPU is far slower).
+
+    The logits come back on the input's device (MONAI's sliding window stitches them there).
+    """
 
     def run(x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode(), torch.autocast("cuda", torch.float16, enabled=device.type == "cuda"):
             out: torch.Tensor = generator(x.to(device))
-        return out.float()
+        return out.float().to(x.device)
 
     return run
 
