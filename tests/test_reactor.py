@@ -81,12 +81,15 @@ def test_an_idle_association_does_not_spin(tmp_path: Path) -> None:
         [server_side] = [a for a in rx.ae.active_associations if a.is_acceptor]
         assert server_side.dul._run_loop_delay == 0.0
         time.sleep(0.2)
-        cpu0, wall0 = time.process_time(), time.monotonic()
+        # The acceptor's DUL thread's own CPU clock: threads other tests left behind in this
+        # process (and the client side) must not count.
+        clock = time.pthread_getcpuclockid(server_side.dul.ident)
+        cpu0, wall0 = time.clock_gettime(clock), time.monotonic()
         time.sleep(1.0)
-        share = (time.process_time() - cpu0) / (time.monotonic() - wall0)
+        share = (time.clock_gettime(clock) - cpu0) / (time.monotonic() - wall0)
         assert assoc.send_c_echo().Status == 0x0000
         assoc.release()
-    assert share < 0.15, f"{share:.0%} of a core while idle"  # 7-10 % measured (client included); 27 % spinning
+    assert share < 0.15, f"{share:.0%} of a core while idle"
 
 
 def _transport(sock: socket.socket) -> types.SimpleNamespace:
