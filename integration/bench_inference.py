@@ -94,12 +94,6 @@ def worker(volume_file: Path, backend: str, models: Path, repeats: int) -> None:
                       "model": segmenter.name}))
 
 
-def mask_dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice of two boolean masks (1.0 when both are empty)."""
-    total = int(a.sum()) + int(b.sum())
-    return 2.0 * int(np.logical_and(a, b).sum()) / total if total else 1.0
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -132,8 +126,10 @@ def main() -> None:
                 result[backend] = json.loads(out.stdout.strip().splitlines()[-1])
                 print(f"{name} {backend}: {result[backend]}", file=sys.stderr, flush=True)  # progress
             if args.gpu:
+                from dmg_node.segment.evaluate import dice
+
                 masks = {b: np.load(Path(tmp) / f"{index}.npz.{b}.npy") for b in ("onnx", GPU)}
-                result[GPU]["dice_vs_onnx"] = mask_dice(masks["onnx"], masks[GPU])
+                result[GPU]["dice_vs_onnx"] = dice(masks[GPU], masks["onnx"])
             rows.append((name, result))
     print(f"CPU threads used: {os.cpu_count()} logical; median of {args.repeats} runs after one warm-up\n")
     print("| volume | model | torch (s) | ONNX Runtime (s) | torch / ORT | peak torch (GB) | peak ORT (GB) |")

@@ -89,7 +89,7 @@ def test_an_idle_association_does_not_spin(tmp_path: Path) -> None:
         share = (time.clock_gettime(clock) - cpu0) / (time.monotonic() - wall0)
         assert assoc.send_c_echo().Status == 0x0000
         assoc.release()
-    assert share < 0.15, f"{share:.0%} of a core while idle"
+    assert share < 0.15, f"{share:.0%} of a core while idle"  # 6 % measured; a spinning DUL thread would use most of a core
 
 
 def _transport(sock: socket.socket) -> types.SimpleNamespace:
