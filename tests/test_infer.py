@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from dmg_node.errors import ModelError
+from dmg_node.segment.data import array_volume
 from dmg_node.segment.evaluate import dice, evaluate, hd95
 from dmg_node.segment.export import load_generator, save_model
-from dmg_node.segment.data import array_volume
 from dmg_node.segment.infer import (
     PostprocessConfig,
     Segmenter,
@@ -44,10 +44,10 @@ from tests.test_preprocess import TUMOUR_CENTRE, oblique_head
 TINY = GeneratorConfig(channels=(4, 8, 8, 8, 8), aspp_dilations=(1, 2))
 MODELS = Path(__file__).resolve().parents[1] / "models"
 # Regression floors for the demo models on two fresh 1.5 mm phantoms (measured there: T1C
-# 0.72/0.69, T2 0.83/0.89, T2-3D 0.86/0.94, FLAIR 0.91/0.94). The targets of docs/model.md (T2/FLAIR
+# 0.81/0.79, T2 0.83/0.89, T2-3D 0.86/0.94, FLAIR 0.91/0.94). The targets of docs/model.md (T2/FLAIR
 # 0.90, T1C 0.85) are for the 20 held-out 1 mm phantoms; two coarser phantoms are a regression
 # check small enough for CI, not that measurement.
-DEMO_DICE_FLOOR = {"demo-t1c": 0.65, "demo-t2": 0.78, "demo-t2-3d": 0.80, "demo-flair": 0.85}
+DEMO_DICE_FLOOR = {"demo-t1c": 0.72, "demo-t2": 0.78, "demo-t2-3d": 0.80, "demo-flair": 0.85}
 
 
 @pytest.fixture()
