@@ -86,7 +86,7 @@ class ModelsSettings:
     device: str = "auto"
     # Model folder names per sequence, in order of preference: a series goes to the first whose
     # manifest admits its voxel spacing (dmg_node.segment.routing). TOML takes a string or an array.
-    t1c: tuple[str, ...] = ("demo-t1c",)
+    t1c: tuple[str, ...] = ("demo-t1c-3d", "demo-t1c")
     t2: tuple[str, ...] = ("demo-t2-3d", "demo-t2")
     flair: tuple[str, ...] = ("demo-flair",)
 

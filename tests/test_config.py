@@ -43,6 +43,7 @@ def test_models_take_a_name_or_an_ordered_list(tmp_path: Path) -> None:
     assert s.models.t2 == ("t2-3d", "t2-2d")
     assert s.models.flair == ("demo-flair",)
     assert config.from_dict({}).models.t2 == ("demo-t2-3d", "demo-t2")
+    assert config.from_dict({}).models.t1c == ("demo-t1c-3d", "demo-t1c")
 
 
 def test_empty_file_gives_defaults(tmp_path: Path) -> None:

@@ -44,10 +44,11 @@ from tests.test_preprocess import TUMOUR_CENTRE, oblique_head
 TINY = GeneratorConfig(channels=(4, 8, 8, 8, 8), aspp_dilations=(1, 2))
 MODELS = Path(__file__).resolve().parents[1] / "models"
 # Regression floors for the demo models on two fresh 1.5 mm phantoms (measured there: T1C
-# 0.81/0.79, T2 0.83/0.89, T2-3D 0.86/0.94, FLAIR 0.91/0.94). The targets of docs/model.md (T2/FLAIR
+# 0.81/0.79, T1C-3D 0.82/0.69, T2 0.83/0.89, T2-3D 0.86/0.94, FLAIR 0.91/0.94; 9002 is a
+# non-enhancing tumour, the kind demo-t1c-3d under-segments). The targets of docs/model.md (T2/FLAIR
 # 0.90, T1C 0.85) are for the 20 held-out 1 mm phantoms; two coarser phantoms are a regression
 # check small enough for CI, not that measurement.
-DEMO_DICE_FLOOR = {"demo-t1c": 0.72, "demo-t2": 0.78, "demo-t2-3d": 0.80, "demo-flair": 0.85}
+DEMO_DICE_FLOOR = {"demo-t1c": 0.72, "demo-t1c-3d": 0.62, "demo-t2": 0.78, "demo-t2-3d": 0.80, "demo-flair": 0.85}
 
 
 @pytest.fixture()
@@ -195,7 +196,7 @@ def fresh_phantoms() -> list[PhantomCase]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["demo-t1c", "demo-t2", "demo-t2-3d", "demo-flair"])
+@pytest.mark.parametrize("model", ["demo-t1c", "demo-t1c-3d", "demo-t2", "demo-t2-3d", "demo-flair"])
 def test_demo_model_reaches_its_dice_floor_on_fresh_phantoms(model: str, fresh_phantoms: list[PhantomCase]) -> None:
     """Each committed demo model segments fresh phantoms with at least its regression Dice floor."""
     sequence = model.split("-")[1]
@@ -206,27 +207,29 @@ def test_demo_model_reaches_its_dice_floor_on_fresh_phantoms(model: str, fresh_p
 
 
 @pytest.mark.slow
-def test_default_config_sends_3d_t2_to_the_fine_model_and_2d_t2_to_the_other(
-    fresh_phantoms: list[PhantomCase],
+@pytest.mark.parametrize("sequence", ["t1c", "t2"])
+def test_default_config_sends_3d_series_to_the_fine_model_and_2d_series_to_the_other(
+    sequence: str, fresh_phantoms: list[PhantomCase],
 ) -> None:
-    """With the shipped [models] list, a 1.5 mm phantom goes to demo-t2-3d and the same head cut
-    as 2D axial 5 mm slices to demo-t2 (what the node does with each series)."""
+    """With the shipped [models] list, a 1.5 mm phantom goes to the sequence's fine-grid model
+    (demo-t1c-3d, demo-t2-3d) and the same head cut as 2D axial 5 mm slices to the 2 mm-grid one
+    (what the node does with each series)."""
     from dmg_node import config
     from dmg_node.classify import Label
     from dmg_node.node import load_model
     from dmg_node.segment.preprocess import resample
 
-    models = load_model(config.from_dict({"models": {"dir": str(MODELS), "device": "cpu"}}), Label.T2)
-    assert models is not None and models.name == "demo-t2-3d+demo-t2"
+    models = load_model(config.from_dict({"models": {"dir": str(MODELS), "device": "cpu"}}), Label(sequence))
+    assert models is not None and models.name == f"demo-{sequence}-3d+demo-{sequence}"
     case = fresh_phantoms[0]
-    thin = array_volume(case.images["t2"], case.affine)
+    thin = array_volume(case.images[sequence], case.affine)
     affine = np.diag([0.9, 0.9, 5.0, 1.0])
     affine[:3, 3] = case.affine[:3, 3]
     thick_shape = (int(case.label.shape[0] * 1.5 / 5.0), int(case.label.shape[1] * 1.5 / 0.9),
                    int(case.label.shape[2] * 1.5 / 0.9))
-    thick = array_volume(resample(case.images["t2"], case.affine, thick_shape, affine), affine)
-    assert models.for_volume(thin).name == "demo-t2-3d"
-    assert models.for_volume(thick).name == "demo-t2"
+    thick = array_volume(resample(case.images[sequence], case.affine, thick_shape, affine), affine)
+    assert models.for_volume(thin).name == f"demo-{sequence}-3d"
+    assert models.for_volume(thick).name == f"demo-{sequence}"
 
 
 @pytest.mark.slow

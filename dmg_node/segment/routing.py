@@ -1,7 +1,7 @@
 """Which of a sequence's models segments a series: the first whose manifest admits its voxel size.
 
 A sequence may be configured with several models in order of preference, for example
-``t2 = ["demo-t2-3d", "demo-t2"]``: a model trained on a fine grid for 3D (thin-slice) series,
+``t2 = ["demo-t2-3d", "demo-t2"]`` (T1C likewise): a model trained on a fine grid for 3D (thin-slice) series,
 then a model for anything coarser, such as 2D axial series of 4-5 mm slices. Each manifest's
 ``max_spacing_mm`` bounds the largest voxel spacing (any axis) of the series it is meant for;
 a model without one takes any series. Pure selection logic: no I/O, no torch.
