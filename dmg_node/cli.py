@@ -201,7 +201,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     logs.configure("info", "console", stream=sys.stderr)
     report_dir = Path(args.report) if args.report else Path(args.model) / "evaluation"
-    result = evaluate(Path(args.model), Path(args.data), report_dir, device=args.device)
+    result = evaluate(Path(args.model), Path(args.data), report_dir, device=args.device, grow=not args.no_grow)
     print(f"{'case':24} {'Dice':>6} {'HD95 mm':>8} {'ref ml':>7} {'model ml':>8} {'vol err %':>9}")
     for r in result.cases:
         print(f"{r.case_id:24} {r.dice:6.3f} {r.hd95_mm:8.1f} {r.reference_ml:7.1f} {r.predicted_ml:8.1f} "
@@ -328,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True)
     s.add_argument("--report", help="report folder (default: MODEL/evaluation)")
     s.add_argument("--device", default="auto")
+    s.add_argument("--no-grow", action="store_true",
+                   help="leave out the manifest's intensity-guided growth of the mask (to compare)")
     s.set_defaults(func=cmd_evaluate)
     s = with_config(sub.add_parser("segment", help="classify, segment and write an RTSTRUCT for one series, offline"))
     s.add_argument("series_dir")

@@ -107,16 +107,21 @@ def overlay(image: npt.NDArray[np.float32], ref: npt.NDArray[np.bool_], pred: np
     return out
 
 
+def _describe(values: dict[str, float]) -> str:
+    return ", ".join(f"{name} {value:g}" for name, value in values.items())
+
+
 def _fmt(value: float, digits: int) -> str:
     return "n/a" if not math.isfinite(value) else f"{value:.{digits}f}"
 
 
-def report_markdown(evaluation: Evaluation, data_dir: Path, overlays: list[str]) -> str:
+def report_markdown(evaluation: Evaluation, data_dir: Path, overlays: list[str], notes: tuple[str, ...] = ()) -> str:
     """The evaluation as a Markdown report (one table row per case, then the summary)."""
     lines = [
         f"# Evaluation of {evaluation.model} ({evaluation.sequence})",
         "",
         f"Data: `{data_dir}`, {len(evaluation.cases)} cases. Masks are compared on each case's source grid.",
+        *notes,
         "Phantom or research figures only; they say nothing about clinical accuracy.",
         "",
         "| case | Dice | HD95 (mm) | reference (ml) | model (ml) | volume error (%) | time (s) |",
@@ -144,6 +149,7 @@ def evaluate(
     device: str = "auto",
     n_overlays: int = 4,
     roi_pattern: str = DEFAULT_ROI_PATTERN,
+    grow: bool = True,
 ) -> Evaluation:
     """Segment every labelled case in ``data_dir`` and write ``report_dir/report.md``.
 
@@ -161,6 +167,9 @@ def evaluate(
         How many cases (the first ones) get an overlay picture.
     roi_pattern
         ROI name pattern for DICOM references (``re.search``).
+    grow
+        Apply the manifest's intensity-guided growth when it has one (as the node does);
+        False measures the model without it.
 
     Returns
     -------
@@ -174,7 +183,7 @@ def evaluate(
     SeriesError
         If the data folder holds no usable case.
     """
-    segmenter = Segmenter.load(model_dir, device)
+    segmenter = Segmenter.load(model_dir, device, grow=grow)
     ensure_dir(report_dir / "overlays")
     results: list[CaseResult] = []
     pictures: list[str] = []
@@ -203,7 +212,13 @@ def evaluate(
                 atomic_write(report_dir / "overlays" / name, png.tobytes(), sync=False)
                 pictures.append(name)
     evaluation = Evaluation(segmenter.name, segmenter.sequence, tuple(results), summarise(results))
-    atomic_write(report_dir / "report.md", report_markdown(evaluation, data_dir, pictures).encode(), sync=False)
+    if segmenter.grow is not None:
+        notes: tuple[str, ...] = (f"Post-processing includes the manifest's intensity-guided growth ({_describe(segmenter.grow.to_dict())}).",)
+    elif segmenter.manifest.grow is not None:
+        notes = ("The manifest's intensity-guided growth was turned off for this evaluation.",)
+    else:
+        notes = ()
+    atomic_write(report_dir / "report.md", report_markdown(evaluation, data_dir, pictures, notes).encode(), sync=False)
     atomic_write(
         report_dir / "metrics.json",
         json.dumps({"cases": [asdict(r) for r in results], "summary": evaluation.summary}, indent=2).encode(),

@@ -5,7 +5,8 @@ Backends behind one interface: torch (GPU, with float16 autocast; or CPU) and ON
 the model grid (:mod:`dmg_node.segment.preprocess`), segmented with MONAI's sliding-window
 inferer (the window is the training patch), set to 0 outside the head less a skin margin,
 mapped back onto the source grid, thresholded (at the manifest's calibrated threshold) and cleaned up (largest
-connected component, holes filled, minimum volume).
+connected component, holes filled, minimum volume); when the manifest asks for it, the mask then
+grows into adjacent voxels that look like its core (:mod:`dmg_node.segment.refine`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from dmg_node.errors import ModelError
 from dmg_node.segment.export import INPUT_NAME, load_generator
 from dmg_node.segment.manifest import ONNX_WEIGHTS, TORCH_WEIGHTS, Manifest, load_manifest
 from dmg_node.segment.preprocess import Prepared, head_mask, prepare, to_source
+from dmg_node.segment.refine import grow_mask
 from dmg_node.volume import Volume
 
 log = structlog.get_logger(__name__)
@@ -230,6 +232,7 @@ class Segmenter:
         overlap: float = 0.25,
         postprocess: PostprocessConfig | None = None,
         threshold: float | None = None,
+        grow: bool = True,
     ) -> None:
         self.manifest = manifest
         self.threshold = manifest.threshold if threshold is None else threshold
@@ -238,6 +241,7 @@ class Segmenter:
         self.flip = flip
         self.overlap = overlap
         self.postprocess = postprocess or PostprocessConfig()
+        self.grow = manifest.grow if grow else None
 
     @property
     def sequence(self) -> str:
@@ -271,6 +275,7 @@ class Segmenter:
         overlap: float = 0.25,
         postprocess: PostprocessConfig | None = None,
         threshold: float | None = None,
+        grow: bool = True,
     ) -> Segmenter:
         """Verify and load the model in ``model_dir``.
 
@@ -294,6 +299,9 @@ class Segmenter:
         threshold
             Probability threshold; by default the one calibrated on the validation cases and
             stored in the manifest.
+        grow
+            Apply the manifest's intensity-guided growth (``grow``), when it has one; False
+            turns it off (to compare the two).
 
         Raises
         ------
@@ -327,7 +335,7 @@ class Segmenter:
         )
         return cls(
             manifest, predictor, f"{torch_device}/{backend}", flip=flip, overlap=overlap, postprocess=postprocess,
-            threshold=threshold,
+            threshold=threshold, grow=grow,
         )
 
     def probability(self, prepared: Prepared) -> npt.NDArray[np.float32]:
@@ -351,8 +359,14 @@ class Segmenter:
         probability = self.probability(prepared)
         source = to_source(probability, prepared.affine, volume, self.threshold)
         mask = postprocess(source, volume.spacing, self.postprocess, self.threshold)
+        grown = 0
+        if self.grow is not None and mask.any():
+            before = int(mask.sum())
+            mask = grow_mask(volume.array, mask, volume.spacing, self.grow)
+            grown = int(mask.sum()) - before
         log.info(
             "volume_segmented", model=self.name, sequence=self.sequence, shape=list(volume.array.shape),
+            grown_voxels=grown,
             voxels=int(mask.sum()), volume_ml=round(float(mask.sum()) * float(np.prod(volume.spacing)) / 1000, 2),
             seconds=round(time.perf_counter() - start, 2),
         )

@@ -24,6 +24,7 @@ from dmg_node.errors import ModelError
 from dmg_node.fsutil import atomic_write
 from dmg_node.segment.network import GeneratorConfig
 from dmg_node.segment.preprocess import PreprocessConfig
+from dmg_node.segment.refine import GrowConfig
 
 MANIFEST_NAME = "manifest.json"
 TORCH_WEIGHTS = "generator.pt"
@@ -69,6 +70,10 @@ class Manifest:
         The coarsest series this model is meant for: a series whose largest voxel spacing (the
         slice spacing of a 2D series) exceeds this many mm goes to the next model configured for
         the sequence (:mod:`dmg_node.segment.routing`). ``None`` (the default): any series.
+    grow
+        Optional intensity-guided growth of the post-processed mask
+        (:mod:`dmg_node.segment.refine`), chosen on the validation cases of this model.
+        ``None`` (the default): the mask is used as it is.
     """
 
     name: str
@@ -84,6 +89,7 @@ class Manifest:
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     intended_use: str = RESEARCH_USE
     max_spacing_mm: float | None = None
+    grow: GrowConfig | None = None
 
     def __post_init__(self) -> None:
         if self.max_spacing_mm is not None and not self.max_spacing_mm > 0:
@@ -104,6 +110,7 @@ class Manifest:
             "patch_size": list(self.patch_size),
             "sha256": self.sha256,
             "threshold": self.threshold,
+            **({} if self.grow is None else {"grow": self.grow.to_dict()}),
             "training": self.training,
             "metrics": self.metrics,
         }
@@ -139,6 +146,7 @@ class Manifest:
                 training=dict(data.get("training", {})),
                 metrics={str(k): float(v) for k, v in data.get("metrics", {}).items()},
                 max_spacing_mm=None if data.get("max_spacing_mm") is None else float(data["max_spacing_mm"]),
+                grow=None if data.get("grow") is None else GrowConfig.from_dict(dict(data["grow"])),
             )
         except json.JSONDecodeError as exc:
             raise ModelError(f"manifest must be JSON; parsing failed: {exc}") from exc
