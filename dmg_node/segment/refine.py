@@ -6,9 +6,10 @@ fills the prepontine cistern, where the normal T2 image is bright CSF (see docs/
 the model's manifest asks for it, :func:`grow_mask` adds the voxels next to the mask whose
 intensity lies within the range of the mask's own core, up to a set distance:
 
-1. the core is the mask shrunk by ``core_erosion_mm``; its ``low_quantile`` and
-   ``high_quantile`` intensities bound the candidates (so voxels darker than the tumour, and
-   voxels brighter than it such as CSF, are never added);
+1. the core is the mask shrunk by ``core_erosion_mm``; its ``low_quantile`` intensity and the
+   lower of its ``high_quantile`` intensity and its median plus ``high_mads`` robust standard
+   deviations (1.4826 x MAD) bound the candidates (so voxels darker than the tumour, and voxels
+   brighter than it such as CSF, are never added, even when the mask already holds some CSF);
 2. candidates lie within ``max_mm`` of the mask, and a morphological opening with a ball of
    ``opening_mm`` removes thin candidate strands (partial volume along CSF borders);
 3. candidate regions that touch the mask (face connectivity) join it, and holes are filled.
@@ -45,6 +46,9 @@ class GrowConfig:
         The core is the mask minus this margin (the whole mask if that leaves too little).
     opening_mm
         Radius of the ball that opens the candidate region (0 = no opening).
+    high_mads
+        The upper bound is at most the core's median plus this many robust standard deviations
+        (1.4826 x median absolute deviation); 0 = the ``high_quantile`` alone.
     """
 
     max_mm: float = 9.0
@@ -62,10 +66,10 @@ class GrowConfig:
                 "grow quantiles must satisfy 0 <= low_quantile < high_quantile <= 1; "
                 f"found {self.low_quantile!r}, {self.high_quantile!r}"
             )
-        for name in ("core_erosion_mm", "opening_mm", "high_mads"):
+        for name, unit in (("core_erosion_mm", " of mm"), ("opening_mm", " of mm"), ("high_mads", "")):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
-                raise ModelError(f"grow {name} must be a number of mm >= 0; found {value!r}")
+                raise ModelError(f"grow {name} must be a number{unit} >= 0; found {value!r}")
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -138,5 +142,5 @@ def grow_mask(
     touching = np.unique(labels[sub])
     grown = ndimage.binary_fill_holes(np.isin(labels, touching[touching > 0]))
     out = mask.copy()
-    out[box] = grown | sub
+    out[box] = grown  # contains sub: every voxel of sub is in a component touching sub
     return out
