@@ -2,7 +2,7 @@
 
 A study is complete when no instance of it has arrived for ``quiet_seconds``; the clock is per
 study and counts instances from any association and any caller. The decision reads only what the
-SQLite index holds (:class:`dmg_node.spool.StudyRow`), so a restart loses nothing: a study that
+SQLite index holds (:class:`dmg_node.records.StudyRow`), so a restart loses nothing: a study that
 was waiting is still waiting, and one that was complete but not yet queued is queued.
 """
 
@@ -10,14 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from enum import StrEnum
 
-from dmg_node.spool import StudyRow
-
-
-class LatePolicy(StrEnum):
-    REPROCESS = "reprocess"
-    IGNORE = "ignore"
+from dmg_node.config import LatePolicy
+from dmg_node.records import StudyRow
 
 
 @dataclass(frozen=True)

@@ -59,7 +59,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
-    from dmg_node.send import echo
+    from dmg_node.net.scu import echo
 
     settings = _settings(args)
     dests = [settings.destination(args.destination)] if args.destination else list(settings.destinations)
@@ -81,7 +81,7 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from dmg_node.node import STATUS_FILE
-    from dmg_node.spool import Spool
+    from dmg_node.storage.spool import Spool
 
     settings = _settings(args)
     spool = Spool(settings.storage.root, fsync=False)
@@ -140,11 +140,11 @@ def _format_status(report: dict[str, Any], settings: config.Settings) -> str:
 def cmd_classify(args: argparse.Namespace) -> int:
     from pydicom import dcmread
 
-    from dmg_node.classify import classify, compile_rules, header_from_dataset
+    from dmg_node.classify import classify, header_from_dataset
     from dmg_node.dicomfiles import find_series
 
     settings = _settings(args)
-    rules = compile_rules(settings.classify.overrides())
+    rules = settings.rules
     path = Path(args.path)
     if not path.exists():
         print(f"no such file or folder: {path}", file=sys.stderr)
@@ -168,7 +168,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 
 def cmd_phantom(args: argparse.Namespace) -> int:
-    from dmg_node.segment.phantom import generate
+    from dmg_node.phantoms.phantom import generate
 
     logs.configure("info", "console", stream=sys.stderr)
     formats = {f.strip() for f in args.format.split(",") if f.strip()}
@@ -181,7 +181,7 @@ def cmd_phantom(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from dmg_node.segment.preprocess import PreprocessConfig
-    from dmg_node.segment.train import train
+    from dmg_node.training.train import train
 
     logs.configure("info", "console", stream=sys.stderr)
     manifest = train(args.sequence, Path(args.data), Path(args.out), epochs=args.epochs, seed=args.seed,
@@ -191,17 +191,18 @@ def cmd_train(args: argparse.Namespace) -> int:
                      patch_size=(args.patch, args.patch, args.patch),
                      preprocess=PreprocessConfig(spacing_mm=args.spacing),
                      init_from=Path(args.init_from) if args.init_from else None,
-                     max_spacing_mm=args.max_spacing_mm)
+                     max_spacing_mm=args.max_spacing_mm, rules=config.load(args.config).rules)
     print(json.dumps({"model": str(args.out), "sequence": manifest.sequence, "metrics": manifest.metrics}, indent=2))
     return EXIT_OK
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from dmg_node.segment.evaluate import evaluate
+    from dmg_node.training.evaluate import evaluate
 
     logs.configure("info", "console", stream=sys.stderr)
     report_dir = Path(args.report) if args.report else Path(args.model) / "evaluation"
-    result = evaluate(Path(args.model), Path(args.data), report_dir, device=args.device, grow=not args.no_grow)
+    result = evaluate(Path(args.model), Path(args.data), report_dir, device=args.device, grow=not args.no_grow,
+                      rules=config.load(args.config).rules)
     print(f"{'case':24} {'Dice':>6} {'HD95 mm':>8} {'ref ml':>7} {'model ml':>8} {'vol err %':>9}")
     for r in result.cases:
         print(f"{r.case_id:24} {r.dice:6.3f} {r.hd95_mm:8.1f} {r.reference_ml:7.1f} {r.predicted_ml:8.1f} "
@@ -215,10 +216,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_segment(args: argparse.Namespace) -> int:
     from pydicom import dcmread
 
-    from dmg_node.classify import Label, classify, compile_rules, header_from_dataset
+    from dmg_node.classify import Label, classify, header_from_dataset
     from dmg_node.dicomfiles import find_series, read_datasets
-    from dmg_node.node import contour_series, load_model
+    from dmg_node.pipeline import contour_series
     from dmg_node.rtstruct import save_rtstruct
+    from dmg_node.segment.registry import load_model
 
     settings = _settings(args)
     series = find_series(Path(args.series_dir))
@@ -231,7 +233,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         label, reason = Label(args.sequence), "--sequence given"
     else:
         result = classify(header_from_dataset(dcmread(paths[0], stop_before_pixels=True), len(paths)),
-                          compile_rules(settings.classify.overrides()))
+                          settings.rules)
         label, reason = result.label, result.reason
     if label is Label.NONE:
         print(f"series {uid} is not a t1c/t2/flair series ({reason}); use --sequence to override", file=sys.stderr)
@@ -303,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rtstruct", action="store_true", help="also write a reference RTSTRUCT per series")
     s.add_argument("--resolution", type=float, default=1.0, help="case grid in mm (2 is faster, coarser)")
     s.set_defaults(func=cmd_phantom)
-    s = sub.add_parser("train", help="train a generator for one sequence")
+    s = with_config(sub.add_parser("train", help="train a generator for one sequence"))
     s.add_argument("--sequence", choices=("t1c", "t2", "flair"), required=True)
     s.add_argument("--data", required=True, help="NIfTI case folders, or DICOM series with reference RTSTRUCTs")
     s.add_argument("--out", required=True, help="model folder, e.g. models/my-t2")
@@ -323,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
     s.set_defaults(func=cmd_train)
-    s = sub.add_parser("evaluate", help="Dice, HD95 and volume error of a model on labelled cases")
+    s = with_config(sub.add_parser("evaluate", help="Dice, HD95 and volume error of a model on labelled cases"))
     s.add_argument("--model", required=True)
     s.add_argument("--data", required=True)
     s.add_argument("--report", help="report folder (default: MODEL/evaluation)")

@@ -8,14 +8,17 @@ broken file raises :class:`ConfigError` with the file and the dotted key in its 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import re
 import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from dmg_node.classify.rules import Rules, compile_rules
 from dmg_node.errors import ConfigError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "node.toml"
@@ -24,6 +27,64 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "node.toml"
 # no control characters; leading/trailing spaces are not significant.
 _AE_RE = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")
 SEQUENCES = ("t1c", "t2", "flair")
+
+
+class DuplicatePolicy(StrEnum):
+    """What a second copy of a stored SOP Instance UID does (``storage.duplicate_policy``)."""
+
+    REPLACE = "replace"
+    KEEP_FIRST = "keep_first"
+
+
+class LatePolicy(StrEnum):
+    """What an instance arriving after its study was queued does (``assembly.late_policy``)."""
+
+    REPROCESS = "reprocess"
+    IGNORE = "ignore"
+
+
+class LogLevel(StrEnum):
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+class LogFormat(StrEnum):
+    JSON = "json"
+    CONSOLE = "console"
+
+
+class DeviceKind(StrEnum):
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+@dataclass(frozen=True)
+class Device:
+    """``models.device``: ``auto`` (a GPU when there is one), ``cpu``, ``cuda`` or ``cuda:N``."""
+
+    kind: DeviceKind = DeviceKind.AUTO
+    index: int | None = None
+
+    def __str__(self) -> str:
+        return f"cuda:{self.index}" if self.index is not None else self.kind.value
+
+    @classmethod
+    def parse(cls, text: str) -> Device:
+        """Read ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+
+        Raises
+        ------
+        ValueError
+            Anything else.
+        """
+        match = re.fullmatch(r"(auto|cpu|cuda)(?::(\d+))?", text)
+        if match is None or (match.group(2) is not None and match.group(1) != "cuda"):
+            raise ValueError(f"must be auto, cpu, cuda or cuda:N; found {text!r}")
+        index = match.group(2)
+        return cls(DeviceKind(match.group(1)), int(index) if index is not None else None)
 
 
 @dataclass(frozen=True)
@@ -42,7 +103,7 @@ class NodeSettings:
 @dataclass(frozen=True)
 class StorageSettings:
     root: Path = Path("spool")
-    duplicate_policy: str = "replace"
+    duplicate_policy: DuplicatePolicy = DuplicatePolicy.REPLACE
     min_free_mb: int = 1024
     fsync: bool = True
     retention_days: float = 0.0
@@ -51,7 +112,7 @@ class StorageSettings:
 @dataclass(frozen=True)
 class AssemblySettings:
     quiet_seconds: float = 60.0
-    late_policy: str = "reprocess"
+    late_policy: LatePolicy = LatePolicy.REPROCESS
     poll_seconds: float = 2.0
     max_attempts: int = 3
 
@@ -83,7 +144,7 @@ class Destination:
 @dataclass(frozen=True)
 class ModelsSettings:
     dir: Path = Path("models")
-    device: str = "auto"
+    device: Device = field(default_factory=Device)
     # Model folder names per sequence, in order of preference: a series goes to the first whose
     # manifest admits its voxel spacing (dmg_node.segment.routing). TOML takes a string or an array.
     t1c: tuple[str, ...] = ("demo-t1c-3d", "demo-t1c")
@@ -143,8 +204,8 @@ class ImportSettings:
 
 @dataclass(frozen=True)
 class LoggingSettings:
-    level: str = "info"
-    format: str = "json"
+    level: LogLevel = LogLevel.INFO
+    format: LogFormat = LogFormat.JSON
     include_phi: bool = False
 
 
@@ -163,6 +224,8 @@ class Settings:
     import_: ImportSettings = field(default_factory=ImportSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     source: Path | None = None
+    # Compiled once from [classify] when the settings are built; every user reads these.
+    rules: Rules = field(default_factory=compile_rules)
 
     def destination(self, name: str) -> Destination:
         """Return the destination called *name*.
@@ -179,12 +242,6 @@ class Settings:
         raise ConfigError(f"no destination named {name!r} in {self.source} (configured: {known})")
 
 
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "storage.duplicate_policy": ("replace", "keep_first"),
-    "assembly.late_policy": ("reprocess", "ignore"),
-    "logging.level": ("debug", "info", "warning", "error"),
-    "logging.format": ("json", "console"),
-}
 _RANGES: dict[str, tuple[float, float]] = {
     "node.port": (1, 65535),
     "destinations.port": (1, 65535),
@@ -250,10 +307,13 @@ def load(path: Path | str | None = None) -> Settings:
 def from_dict(raw: dict[str, Any], source: Path | None = None) -> Settings:
     """Validate an already-parsed TOML table (see :func:`load`)."""
     where = str(source) if source is not None else "<config>"
-    settings: Settings = _build(Settings, raw, "", where, skip={"source"})
-    settings = dataclasses.replace(settings, source=source)
+    settings: Settings = _build(Settings, raw, "", where, skip={"source", "rules"})
     _check_cross_rules(settings, where)
-    return settings
+    try:
+        rules = compile_rules(settings.classify.overrides())
+    except ValueError as exc:
+        raise ConfigError(f"{where}: [classify] {exc}") from exc
+    return dataclasses.replace(settings, source=source, rules=rules)
 
 
 def _build(cls: type[Any], raw: Any, prefix: str, where: str, skip: set[str] | None = None) -> Any:
@@ -280,6 +340,18 @@ def _convert(hint: Any, value: Any, key: str, where: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     generic_key = re.sub(r"\[\d+\]", "", key)
+    if hint is Device:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: {key!r} must be a string, found {value!r}")
+        try:
+            return Device.parse(value)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {key!r} {exc}") from exc
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        choices = [m.value for m in hint]
+        if value not in choices:
+            raise ConfigError(f"{where}: {key!r} must be one of {', '.join(choices)}; found {value!r}")
+        return hint(value)
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, key + ".", where)  # type: ignore[arg-type]
     if origin is tuple:
@@ -307,9 +379,6 @@ def _convert(hint: Any, value: Any, key: str, where: str) -> Any:
     if hint is str or hint is Path:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: {key!r} must be a string, found {value!r}")
-        choices = _CHOICES.get(generic_key)
-        if choices is not None and value not in choices:
-            raise ConfigError(f"{where}: {key!r} must be one of {', '.join(choices)}; found {value!r}")
         if generic_key in _AE_KEYS and not _AE_RE.fullmatch(value.strip() or "\x00"):
             raise ConfigError(
                 f"{where}: {key!r} must be a DICOM AE title (1-16 printable characters, no backslash); "
@@ -346,13 +415,6 @@ def _check_cross_rules(settings: Settings, where: str) -> None:
                        ("roi_name_flair", settings.rtstruct.roi_name_flair)):
         if not 1 <= len(value) <= 64 or "\\" in value:
             raise ConfigError(f"{where}: 'rtstruct.{key}' must be 1-64 characters without backslash; found {value!r}")
-    if settings.classify.overrides():
-        from dmg_node.classify import compile_rules  # the rules' own compiler knows the keys
-
-        try:
-            compile_rules(settings.classify.overrides())
-        except ValueError as exc:
-            raise ConfigError(f"{where}: [classify] {exc}") from exc
     names = [d.name for d in settings.destinations]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -362,10 +424,6 @@ def _check_cross_rules(settings: Settings, where: str) -> None:
         if not folders or any(not f.strip() for f in folders):
             raise ConfigError(f"{where}: 'models.{seq}' must name one or more model folders under models.dir "
                               f"(a string or an array of non-empty strings); found {list(folders)}")
-    if settings.models.device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", settings.models.device):
-        raise ConfigError(
-            f"{where}: 'models.device' must be auto, cpu, cuda or cuda:N; found {settings.models.device!r}"
-        )
 
 
 def _tname(value: Any) -> str:

@@ -23,13 +23,14 @@ import structlog
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
+from pynetdicom.events import Event
 from pynetdicom.sop_class import RTStructureSetStorage  # type: ignore[attr-defined]
 
 from dmg_node.config import Destination, Settings
 from dmg_node.dicomfiles import read_datasets
+from dmg_node.net.scu import store_files
 from dmg_node.node import Node
 from dmg_node.rtstruct import read_roi_mask
-from dmg_node.send import store_files
 from dmg_node.volume import build_volume
 
 log = structlog.get_logger(__name__)
@@ -56,7 +57,7 @@ def tps_stand_in(folder: Path, ae_title: str = "DEMO_TPS") -> Iterator[Destinati
     """A Storage SCP that accepts RT Structure Sets on loopback and writes them to *folder*."""
     folder.mkdir(parents=True, exist_ok=True)
 
-    def on_store(event: Any) -> int:
+    def on_store(event: Event) -> int:
         ds = event.dataset
         ds.file_meta = event.file_meta
         ds.save_as(folder / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
@@ -76,7 +77,7 @@ def tps_stand_in(folder: Path, ae_title: str = "DEMO_TPS") -> Iterator[Destinati
 def run_demo(settings: Settings, *, seed: int = 4242, timeout_s: float = 900.0, keep: Path | None = None,
              progress: Callable[[str], None] = lambda _msg: None) -> list[DemoRow]:
     """Run the loop once and return one row per RTSTRUCT that reached the TPS stand-in."""
-    from dmg_node.segment.phantom import make_case, write_dicom_study
+    from dmg_node.phantoms.phantom import make_case, write_dicom_study
 
     with tempfile.TemporaryDirectory(prefix="dmg-demo-") as tmp:
         work = keep or Path(tmp)

@@ -29,7 +29,3 @@ class ModelError(DmgNodeError):
 
 class RtStructError(DmgNodeError):
     """An RTSTRUCT could not be built from a mask and its source series."""
-
-
-class SendError(DmgNodeError):
-    """A destination refused, timed out, or could not be reached."""

@@ -10,8 +10,8 @@ import logging
 import re
 import sys
 import warnings
-from pathlib import Path
 from collections.abc import MutableMapping
+from pathlib import Path
 from typing import Any, TextIO
 
 import structlog

@@ -2,7 +2,7 @@
 
 Usage: python -m integration.bench_inference [--repeats 3] [--models models] [--gpu]
 
-Three volumes are cut from one phantom (dmg_node.segment.phantom, seed 4242): a 256x256x24 axial
+Three volumes are cut from one phantom (dmg_node.phantoms.phantom, seed 4242): a 256x256x24 axial
 T2 (0.9 x 0.9 x 6 mm), a 3D 1 mm T2 and a 3D 1 mm T1C (176 sagittal slices of 256x256). Each
 (volume, backend) pair runs in a fresh process that loads the models the default config lists
 for that sequence and picks the one the node would (by voxel spacing; a randomly initialised
@@ -39,7 +39,7 @@ GPU = "cuda"  # torch on the GPU
 
 def make_volumes(folder: Path) -> None:
     """Resample one phantom onto the two benchmark grids and save them as .npz files."""
-    from dmg_node.segment.phantom import make_case
+    from dmg_node.phantoms.phantom import make_case
     from dmg_node.segment.preprocess import resample
 
     case = make_case(4242)
@@ -60,8 +60,8 @@ def worker(volume_file: Path, backend: str, models: Path, repeats: int) -> None:
     import torch
 
     from dmg_node import config
-    from dmg_node.segment.data import array_volume
-    from dmg_node.segment.export import save_model
+    from dmg_node.training.data import array_volume
+    from dmg_node.training.export import save_model
     from dmg_node.segment.infer import Segmenter
     from dmg_node.segment.manifest import RESEARCH_USE
     from dmg_node.segment.network import Generator
@@ -126,7 +126,7 @@ def main() -> None:
                 result[backend] = json.loads(out.stdout.strip().splitlines()[-1])
                 print(f"{name} {backend}: {result[backend]}", file=sys.stderr, flush=True)  # progress
             if args.gpu:
-                from dmg_node.segment.evaluate import dice
+                from dmg_node.training.evaluate import dice
 
                 masks = {b: np.load(Path(tmp) / f"{index}.npz.{b}.npy") for b in ("onnx", GPU)}
                 result[GPU]["dice_vs_onnx"] = dice(masks[GPU], masks["onnx"])

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dmg_node.segment.phantom import make_case, write_dicom_study
+from dmg_node.phantoms.phantom import make_case, write_dicom_study
 from tests.support import DCMTK, LOCALHOST, dcmtk_env, running_node, running_storescp
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -26,7 +26,7 @@ from tests.support import LOCALHOST
 
 # Explicit VR Little Endian elements whose length is 4 bytes after 2 reserved ones (PS3.5 7.1.2).
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
-# What dmg_node.spool.safe_component may produce: a DICOM UID or "x" + 40 hex digits.
+# What dmg_node.storage.spool.safe_component may produce: a DICOM UID or "x" + 40 hex digits.
 SAFE_NAME = re.compile(r"[0-9]+(\.[0-9]+)*|x[0-9a-f]{40}")
 SPOOL_TOP_LEVEL = {"index.sqlite3", "index.sqlite3-wal", "index.sqlite3-shm", "node-status.json", "node.lock", "studies",
                    "outbox"}
@@ -173,7 +173,7 @@ def make_tiny_model(models_dir: Path, sequence: str = "t2") -> Path:
     """A randomly initialised tiny model as ``models_dir/demo-<sequence>`` (seconds to make, fast to run)."""
     import torch
 
-    from dmg_node.segment.export import save_model
+    from dmg_node.training.export import save_model
     from dmg_node.segment.manifest import DEMO_USE
     from dmg_node.segment.network import Generator, GeneratorConfig
     from dmg_node.segment.preprocess import PreprocessConfig

@@ -278,10 +278,10 @@ def running_storescp(outdir: Path, aet: str = "STORESCP", *extra: str,
 
 @contextlib.contextmanager
 def running_receiver(root: Path, min_free_mb: int = 1, **sections: dict[str, Any]) -> Iterator[Any]:
-    """An in-process Storage SCP (dmg_node.receive.Receiver) on a free loopback port, spool at *root*."""
+    """An in-process Storage SCP (dmg_node.net.scp.Receiver) on a free loopback port, spool at *root*."""
     from dmg_node import config
-    from dmg_node.receive import Receiver
-    from dmg_node.spool import Spool
+    from dmg_node.net.scp import Receiver
+    from dmg_node.storage.spool import Spool
 
     raw: dict[str, Any] = {"node": {"host": LOCALHOST, "port": free_port()},
                            "storage": {"root": str(root), "min_free_mb": min_free_mb}}

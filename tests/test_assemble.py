@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dmg_node.assemble import LatePolicy, due_studies
-from dmg_node.spool import StudyRow
+from dmg_node.records import StudyRow
 
 
 def _row(uid: str, last: float, covered: float | None = None, active: bool = False) -> StudyRow:

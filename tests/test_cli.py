@@ -51,7 +51,7 @@ def test_segment_writes_a_valid_rtstruct_offline(tmp_path: Path, capsys: pytest.
 
     from dmg_node.dicomfiles import read_datasets
     from dmg_node.rtstruct import read_roi_mask
-    from dmg_node.segment.phantom import make_case, write_dicom_study
+    from dmg_node.phantoms.phantom import make_case, write_dicom_study
     from dmg_node.volume import build_volume
     from tests.support import node_config, require_tool
 

@@ -1,4 +1,4 @@
-"""Tests for dmg_node.segment.data: NIfTI and DICOM+RTSTRUCT readers and the patch sampler.
+"""Tests for dmg_node.training.data: NIfTI and DICOM+RTSTRUCT readers and the patch sampler.
 
 Also home of :func:`write_blob_case`, the tiny labelled NIfTI case that the segmentation tests
 (train, infer) share: an ellipsoidal "head" with a bright spherical "tumour".
@@ -17,7 +17,7 @@ from pydicom.uid import generate_uid
 
 from dmg_node.errors import SeriesError
 from dmg_node.rtstruct import RoiSpec, RtStructMeta, build_rtstruct, save_rtstruct
-from dmg_node.segment.data import (
+from dmg_node.training.data import (
     PatchSampler,
     PreparedCase,
     array_volume,

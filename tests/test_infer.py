@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from dmg_node.errors import ModelError
-from dmg_node.segment.data import array_volume
-from dmg_node.segment.evaluate import dice, evaluate, hd95
-from dmg_node.segment.export import load_generator, save_model
+from dmg_node.training.data import array_volume
+from dmg_node.training.evaluate import dice, evaluate, hd95
+from dmg_node.segment.weights import load_generator
+from dmg_node.training.export import save_model
 from dmg_node.segment.infer import (
     PostprocessConfig,
     Segmenter,
@@ -36,7 +37,7 @@ from dmg_node.segment.manifest import (
     write_manifest,
 )
 from dmg_node.segment.network import Generator, GeneratorConfig
-from dmg_node.segment.phantom import PhantomCase, make_case
+from dmg_node.phantoms.phantom import PhantomCase, make_case
 from dmg_node.segment.preprocess import PreprocessConfig, prepare
 from tests.test_data import write_blob_case
 from tests.test_preprocess import TUMOUR_CENTRE, oblique_head
@@ -216,7 +217,7 @@ def test_default_config_sends_3d_series_to_the_fine_model_and_2d_series_to_the_o
     (what the node does with each series)."""
     from dmg_node import config
     from dmg_node.classify import Label
-    from dmg_node.node import load_model
+    from dmg_node.segment.registry import load_model
     from dmg_node.segment.preprocess import resample
 
     models = load_model(config.from_dict({"models": {"dir": str(MODELS), "device": "cpu"}}), Label(sequence))

@@ -18,7 +18,7 @@ from pydicom import dcmread
 
 from dmg_node.dicomfiles import read_datasets
 from dmg_node.rtstruct import read_roi_mask
-from dmg_node.segment.phantom import StudyManifest, make_case, write_dicom_study
+from dmg_node.phantoms.phantom import StudyManifest, make_case, write_dicom_study
 from dmg_node.volume import build_volume
 from tests.support import LOCALHOST, free_port, require_tool, running_node, running_orthanc, running_storescp
 
@@ -114,7 +114,7 @@ def test_tps_down_at_first_still_gets_the_rtstruct(tmp_path: Path, study: StudyM
     routed = _routed(study)
     assert routed, f"no demo models under {models_dir()}"
     from dmg_node.config import Destination
-    from dmg_node.send import store_files
+    from dmg_node.net.scu import store_files
 
     tps_port = free_port()
     t2_only = [s for s in study.series if s.sequence == routed[0]]
@@ -152,7 +152,7 @@ def test_kill_9_during_segmentation_finishes_once_after_restart(tmp_path: Path, 
     import signal
 
     from dmg_node.config import Destination
-    from dmg_node.send import store_files
+    from dmg_node.net.scu import store_files
 
     series = next(s for s in study.series if s.sequence == "t1c")  # the largest series: the longest job
     sections = {"assembly": {"quiet_seconds": 0.5}, "models": {"dir": str(models_dir())}}

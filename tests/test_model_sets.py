@@ -11,8 +11,8 @@ from structlog.testing import capture_logs
 
 from dmg_node import config
 from dmg_node.classify import Label
-from dmg_node.node import Node, load_model
-from dmg_node.segment.export import save_model
+from dmg_node.segment.registry import ModelRegistry, load_model
+from dmg_node.training.export import save_model
 from dmg_node.segment.manifest import DEMO_USE, TORCH_WEIGHTS
 from dmg_node.segment.network import Generator
 from dmg_node.segment.preprocess import PreprocessConfig
@@ -63,14 +63,14 @@ def test_a_model_added_or_replaced_later_joins_the_set_without_a_restart(tmp_pat
     the configured order; a broken copy of it is refused and the loaded one keeps serving."""
     models = tmp_path / "models"
     _model(models / "any")
-    node = Node(_settings(tmp_path, ["fine", "any"]))
-    node._maybe_reload_models()  # what start() and the maintenance thread do
-    assert node._models[Label.T2].name == "any"
+    registry = ModelRegistry(_settings(tmp_path, ["fine", "any"]))
+    registry.reload()  # what start() and the maintenance thread do
+    assert registry.models[Label.T2].name == "any"
 
     _model(models / "fine", max_spacing_mm=2.0)
     with capture_logs() as logs:
-        node._maybe_reload_models()
-    assert node._models[Label.T2].name == "fine+any"
+        registry.reload()
+    assert registry.models[Label.T2].name == "fine+any"
     assert [e["model"] for e in logs if e["event"] == "model_reloaded"] == ["fine"]
 
     weights = models / "fine" / TORCH_WEIGHTS
@@ -78,10 +78,10 @@ def test_a_model_added_or_replaced_later_joins_the_set_without_a_restart(tmp_pat
     old = time.time() - 60
     os.utime(weights, (old, old))
     with capture_logs() as logs:
-        node._maybe_reload_models()
+        registry.reload()
     failed = [e for e in logs if e["event"] == "model_reload_failed"]
     assert failed and failed[0]["kept"] == "1.0.0"
-    assert node._models[Label.T2].name == "fine+any"
+    assert registry.models[Label.T2].name == "fine+any"
 
 
 def test_a_folder_listed_for_two_sequences_serves_only_the_one_its_manifest_names(tmp_path: Path) -> None:
@@ -94,9 +94,9 @@ def test_a_folder_listed_for_two_sequences_serves_only_the_one_its_manifest_name
         "storage": {"root": str(tmp_path / "spool"), "min_free_mb": 0},
         "models": {"dir": str(models), "device": "cpu", "t2": "t2-model", "flair": "t2-model"},
     })
-    node = Node(settings)
+    registry = ModelRegistry(settings)
     with capture_logs() as logs:
-        node._maybe_reload_models()
-    assert node._models[Label.T2].name == "t2-model"
-    assert Label.FLAIR not in node._models
+        registry.reload()
+    assert registry.models[Label.T2].name == "t2-model"
+    assert Label.FLAIR not in registry.models
     assert [e["sequence"] for e in logs if e["event"] == "model_unavailable"] == ["flair"]

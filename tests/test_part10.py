@@ -19,7 +19,7 @@ from pydicom.uid import (
 )
 from pynetdicom.dsutils import create_file_meta, encode_file_meta
 
-from dmg_node.part10 import PREAMBLE, file_header, header_dataset, header_values
+from dmg_node.net.part10 import PREAMBLE, file_header, header_dataset, header_values
 from tests.support import mr_dataset
 
 

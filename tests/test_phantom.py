@@ -1,4 +1,4 @@
-"""Tests for dmg_node.segment.phantom: synthetic DMG cases, their DICOM studies and NIfTI files."""
+"""Tests for dmg_node.phantoms.phantom: synthetic DMG cases, their DICOM studies and NIfTI files."""
 
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ from scipy import ndimage
 from dmg_node.classify import compile_rules, classify, header_from_dataset
 from dmg_node.dicomfiles import read_datasets
 from dmg_node.rtstruct import read_roi_mask
-from dmg_node.segment import phantom
-from dmg_node.segment.data import read_nifti
-from dmg_node.segment.phantom import (
+from dmg_node.phantoms import phantom
+from dmg_node.training.data import read_nifti
+from dmg_node.phantoms.phantom import (
     RAS_TO_LPS,
     PhantomCase,
     StudyManifest,

@@ -7,9 +7,9 @@ import pytest
 from scipy.spatial.transform import Rotation
 
 from dmg_node.errors import SeriesError
-from dmg_node.segment.data import array_volume
+from dmg_node.training.data import array_volume
 from dmg_node.segment.preprocess import PreprocessConfig, canonical_grid, otsu_threshold, prepare, to_source
-from dmg_node.segment.evaluate import dice
+from dmg_node.training.evaluate import dice
 from dmg_node.volume import Volume
 
 CONFIG = PreprocessConfig(spacing_mm=2.0)

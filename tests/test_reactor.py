@@ -14,7 +14,7 @@ from pydicom.uid import MRImageStorage
 from pynetdicom import AE
 from structlog.testing import capture_logs
 
-from dmg_node import reactor
+from dmg_node.net import reactor
 from tests.support import LOCALHOST, running_receiver, write_series
 
 pytestmark = pytest.mark.network

@@ -14,7 +14,7 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from pynetdicom import AE
 from structlog.testing import capture_logs
 
-from dmg_node.receive import Receiver, StoreStatus
+from dmg_node.net.scp import Receiver, StoreStatus
 from tests.support import DCMTK, LOCALHOST, dcmtk_env, mr_dataset, running_receiver, write_series
 
 pytestmark = pytest.mark.network

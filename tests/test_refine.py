@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from dmg_node.errors import ModelError
-from dmg_node.segment.data import array_volume
-from dmg_node.segment.evaluate import dice
+from dmg_node.training.data import array_volume
+from dmg_node.training.evaluate import dice
 from dmg_node.segment.infer import PostprocessConfig, Segmenter
 from dmg_node.segment.manifest import Manifest, load_manifest, write_manifest
 from dmg_node.segment.preprocess import Prepared, prepare
@@ -166,7 +166,7 @@ def test_segmenter_applies_the_manifests_growth_unless_turned_off(tiny_model: Pa
 
 def test_evaluate_report_says_whether_growth_was_applied(tiny_model: Path, tmp_path: Path) -> None:  # noqa: F811
     """The report names the growth settings it used, or that they were turned off (--no-grow)."""
-    from dmg_node.segment.evaluate import evaluate
+    from dmg_node.training.evaluate import evaluate
     from tests.test_data import write_blob_case
 
     write_manifest(tiny_model, dataclasses.replace(load_manifest(tiny_model), grow=CONFIG))

@@ -40,9 +40,10 @@ from structlog.testing import capture_logs
 from dmg_node.config import Destination, OutboxSettings
 from dmg_node.errors import SpoolError
 from dmg_node.fsutil import TMP_SUFFIX
-from dmg_node.receive import StoreStatus
-from dmg_node.send import OutboxWorker
-from dmg_node.spool import OutboxState, Spool
+from dmg_node.net.scp import StoreStatus
+from dmg_node.net.outbox import OutboxWorker
+from dmg_node.records import OutboxState
+from dmg_node.storage.spool import Spool
 from integration.bench_load import concurrent_storescu
 from integration.bench_receive import peak_rss_mb
 from tests.fuzz_support import (

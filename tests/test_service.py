@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from dmg_node.dropfolder import scan
-from dmg_node.spool import Spool
+from dmg_node.storage.dropfolder import scan
+from dmg_node.storage.spool import Spool
 from tests.support import DCMTK, LOCALHOST, dcmtk_env, running_node, write_series
 
 ROOT = Path(__file__).resolve().parent.parent

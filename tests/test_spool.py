@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from dmg_node.fsutil import TMP_SUFFIX
-from dmg_node.spool import InstanceRecord, JobState, OutboxState, Spool, safe_component
+from dmg_node.records import InstanceRecord, JobState, OutboxState
+from dmg_node.storage.spool import Spool, safe_component
 
 
 def _rec(sop: str = "1.2.3.4", series: str = "1.2.3", study: str = "1.2", t: float = 100.0) -> InstanceRecord:

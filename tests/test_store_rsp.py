@@ -13,7 +13,7 @@ from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
 
-from dmg_node.store_rsp import _fast_command, success_command
+from dmg_node.net.store_rsp import _fast_command, success_command
 from tests.support import LOCALHOST, running_receiver, write_series
 
 

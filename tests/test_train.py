@@ -1,4 +1,4 @@
-"""Tests for dmg_node.segment.train: the GAN step, the training loop, checkpoints and resuming."""
+"""Tests for dmg_node.training.train: the GAN step, the training loop, checkpoints and resuming."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import torch
 from structlog.testing import capture_logs
 
 from dmg_node.errors import ModelError
-from dmg_node.segment.evaluate import dice
+from dmg_node.training.evaluate import dice
 from dmg_node.segment.manifest import ONNX_WEIGHTS, TORCH_WEIGHTS, load_manifest
 from dmg_node.segment.network import Discriminator, Generator, GeneratorConfig
 from dmg_node.segment.preprocess import PreprocessConfig
-from dmg_node.segment.train import GanStep, TrainSettings, train
+from dmg_node.training.train import GanStep, TrainSettings, train
 from tests.test_data import write_blob_case
 
 TINY = GeneratorConfig(channels=(4, 8, 8, 8, 8), aspp_dilations=(1, 2))

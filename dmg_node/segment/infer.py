@@ -34,10 +34,15 @@ from onnxruntime.capi.onnxruntime_pybind11_state import (
 from scipy import ndimage
 
 from dmg_node.errors import ModelError
-from dmg_node.segment.export import INPUT_NAME, load_generator
-from dmg_node.segment.manifest import ONNX_WEIGHTS, TORCH_WEIGHTS, Manifest, load_manifest
+from dmg_node.segment.manifest import (
+    ONNX_WEIGHTS,
+    TORCH_WEIGHTS,
+    Manifest,
+    load_manifest,
+)
 from dmg_node.segment.preprocess import Prepared, head_mask, prepare, to_source
 from dmg_node.segment.refine import grow_mask
+from dmg_node.segment.weights import INPUT_NAME, load_generator
 from dmg_node.volume import Volume
 
 log = structlog.get_logger(__name__)

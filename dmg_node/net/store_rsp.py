@@ -18,7 +18,7 @@ from pynetdicom import evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 
-from dmg_node.part10 import uid_value
+from dmg_node.net.part10 import uid_value
 
 _C_STORE_RSP = 0x8001
 _NO_DATA_SET = 0x0101

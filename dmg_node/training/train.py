@@ -31,18 +31,9 @@ from monai.losses.adversarial_loss import PatchAdversarialLoss
 from monai.losses.dice import DiceCELoss
 from tqdm import tqdm
 
+from dmg_node.classify import Rules
 from dmg_node.errors import ModelError
 from dmg_node.fsutil import atomic_write
-from dmg_node.segment.data import (
-    DEFAULT_ROI_PATTERN,
-    CaseSource,
-    PatchSampler,
-    PreparedCase,
-    find_cases,
-    load_prepared,
-)
-from dmg_node.segment.evaluate import dice
-from dmg_node.segment.export import load_generator, save_model
 from dmg_node.segment.infer import (
     PostprocessConfig,
     postprocess,
@@ -51,9 +42,31 @@ from dmg_node.segment.infer import (
     sliding_window_probability,
     torch_predictor,
 )
-from dmg_node.segment.manifest import RESEARCH_USE, SEQUENCES, TORCH_WEIGHTS, Manifest, load_manifest
-from dmg_node.segment.network import Discriminator, Generator, GeneratorConfig, count_parameters
+from dmg_node.segment.manifest import (
+    RESEARCH_USE,
+    SEQUENCES,
+    TORCH_WEIGHTS,
+    Manifest,
+    load_manifest,
+)
+from dmg_node.segment.network import (
+    Discriminator,
+    Generator,
+    GeneratorConfig,
+    count_parameters,
+)
 from dmg_node.segment.preprocess import PreprocessConfig
+from dmg_node.segment.weights import load_generator
+from dmg_node.training.data import (
+    DEFAULT_ROI_PATTERN,
+    CaseSource,
+    PatchSampler,
+    PreparedCase,
+    find_cases,
+    load_prepared,
+)
+from dmg_node.training.evaluate import dice
+from dmg_node.training.export import save_model
 
 log = structlog.get_logger(__name__)
 
@@ -225,6 +238,7 @@ def train(
     intended_use: str = RESEARCH_USE,
     data_description: str = "",
     max_spacing_mm: float | None = None,
+    rules: Rules | None = None,
 ) -> Manifest:
     """Train a model for ``sequence`` on the labelled cases in ``data_dir``; write ``out_dir``.
 
@@ -233,7 +247,7 @@ def train(
     sequence
         ``t1c``, ``t2`` or ``flair``.
     data_dir
-        Labelled cases (see :func:`dmg_node.segment.data.find_cases`).
+        Labelled cases (see :func:`dmg_node.training.data.find_cases`).
     out_dir
         Model folder to write (weights + manifest of the best epoch).
     epochs, steps_per_epoch, batch_size, lr, seed
@@ -252,7 +266,7 @@ def train(
         Training patch (also the inference window), model-grid voxels (S, P, L).
     thick_slice_fraction
         Share of training patches degraded as a 2D axial series of 3-6 mm slices would be
-        (:func:`dmg_node.segment.data.thick_slices`): for a model that must work on thick-slice
+        (:func:`dmg_node.training.data.thick_slices`): for a model that must work on thick-slice
         T2/FLAIR when the training images are 3D.
     generator, preprocess
         Network and preprocessing parameters (defaults when None).
@@ -310,7 +324,7 @@ def train(
     started = time.monotonic()
     torch.manual_seed(seed)
 
-    sources = list(find_cases(data_dir, sequence, roi_pattern))
+    sources = list(find_cases(data_dir, sequence, roi_pattern, rules))
     train_src, val_src = _split(sources, val_fraction, seed)
     key = hashlib.sha256(json.dumps(settings.preprocess.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
     cache = work / f"cache-{sequence}-{key}"

@@ -22,7 +22,7 @@ from pydicom.valuerep import VR
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
 PREAMBLE = b"\x00" * 128 + b"DICM"
-#: Series Number (0020,0011), the last attribute :func:`dmg_node.spool.instance_record` reads.
+#: Series Number (0020,0011), the last attribute :func:`dmg_node.storage.spool.instance_record` reads.
 LAST_INDEXED_TAG = 0x0020_0011
 
 
@@ -39,7 +39,7 @@ _KNOWN_VRS = frozenset(VR.__members__)
 
 
 def header_values(raw: bytes, transfer_syntax_uid: str) -> dict[str, str]:
-    """The attributes :func:`dmg_node.spool.instance_record` reads, from a received data set.
+    """The attributes :func:`dmg_node.storage.spool.instance_record` reads, from a received data set.
 
     The UIDs, Modality and Series Number are ASCII by definition, so their bytes are decoded
     directly; pydicom's conversion and validation of those seven values took as long as writing

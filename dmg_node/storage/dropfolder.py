@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import os
 import time
-from io import BytesIO
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 
 import structlog
@@ -22,9 +22,10 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian
 
-from dmg_node.fsutil import TMP_SUFFIX, atomic_write, ensure_dir
 from dmg_node.errors import SpoolError
-from dmg_node.spool import Spool, instance_record
+from dmg_node.fsutil import TMP_SUFFIX, atomic_write, ensure_dir
+from dmg_node.records import instance_record
+from dmg_node.storage.spool import Spool
 
 log = structlog.get_logger(__name__)
 

@@ -1,9 +1,9 @@
 """Synthetic MR studies of a diffuse midline glioma (DMG) on real brain anatomy (phantoms).
 
 Each case (one integer seed) deforms the ICBM152 template anatomy, with skull, face and neck
-added (pose, scale, smooth elastic field; :mod:`dmg_node.segment.anatomy`), grows an irregular
+added (pose, scale, smooth elastic field; :mod:`dmg_node.phantoms.anatomy`), grows an irregular
 tumour in the pons, medulla or a thalamus with mass effect, renders T2, FLAIR and
-post-contrast T1 from tissue fractions (:mod:`dmg_node.segment.tumour`) and adds a bias field,
+post-contrast T1 from tissue fractions (:mod:`dmg_node.phantoms.tumour`) and adds a bias field,
 Rician noise and 12-bit values.
 
 Writers give (1) classic MR Image Storage series (PS3.3 A.4) on varied acquisition grids
@@ -39,7 +39,7 @@ from pydicom.valuerep import format_number_as_ds
 from scipy import ndimage
 
 import dmg_node
-from dmg_node.segment.anatomy import (
+from dmg_node.phantoms.anatomy import (
     _EVERYWHERE,
     F32,
     F64,
@@ -55,12 +55,16 @@ from dmg_node.segment.anatomy import (
     _tissues,
     _upsample,
 )
-from dmg_node.segment.anatomy import RAS_TO_LPS as RAS_TO_LPS  # re-exported: part of this module's API
-from dmg_node.segment.anatomy import _templates as _templates  # re-exported for tests
-from dmg_node.segment.data import LABEL_SUFFIX, NIFTI_SUFFIX
-from dmg_node.segment.tumour import _SITES as _SITES  # re-exported for tests
-from dmg_node.segment.tumour import SEQUENCES as SEQUENCES  # re-exported: part of this module's API
-from dmg_node.segment.tumour import _draw_site, _render, _signals, _tumour
+from dmg_node.phantoms.anatomy import (
+    RAS_TO_LPS as RAS_TO_LPS,  # re-exported: part of this module's API
+)
+from dmg_node.phantoms.anatomy import _templates as _templates  # re-exported for tests
+from dmg_node.phantoms.tumour import _SITES as _SITES  # re-exported for tests
+from dmg_node.phantoms.tumour import (
+    SEQUENCES as SEQUENCES,  # re-exported: part of this module's API
+)
+from dmg_node.phantoms.tumour import _draw_site, _render, _signals, _tumour
+from dmg_node.training.data import LABEL_SUFFIX, NIFTI_SUFFIX
 
 log = structlog.get_logger(__name__)
 

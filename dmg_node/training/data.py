@@ -2,7 +2,7 @@
 
 Two layouts are read:
 
-* **NIfTI, challenge layout** (BraTS-style, also what :mod:`dmg_node.segment.phantom` writes)::
+* **NIfTI, challenge layout** (BraTS-style, also what :mod:`dmg_node.phantoms.phantom` writes)::
 
       DATA/<CASE>/<CASE>-t1c.nii.gz   T1 post-contrast
       DATA/<CASE>/<CASE>-t2w.nii.gz   T2
@@ -39,7 +39,8 @@ from pydicom.dataset import Dataset
 from scipy import ndimage
 from tqdm import tqdm
 
-from dmg_node.classify import classify, compile_rules, header_from_dataset
+from dmg_node import config
+from dmg_node.classify import Rules, classify, header_from_dataset
 from dmg_node.dicomfiles import find_series, read_datasets
 from dmg_node.errors import SeriesError
 from dmg_node.fsutil import atomic_write, ensure_dir
@@ -183,13 +184,16 @@ class DicomCase:
         return Case(self.case_id, volume, mask)
 
 
-def dicom_cases(data_dir: Path, sequence: str, roi_pattern: str = DEFAULT_ROI_PATTERN) -> list[DicomCase]:
+def dicom_cases(data_dir: Path, sequence: str, roi_pattern: str = DEFAULT_ROI_PATTERN,
+                rules: Rules | None = None) -> list[DicomCase]:
     """One case per RTSTRUCT under ``data_dir`` whose referenced series is there and is ``sequence``.
 
-    The sequence is the node's own classification of the referenced series (default rules).
+    The sequence is the node's own classification of the referenced series, with *rules* (the
+    settings' compiled rules; ``None``: those of the default config/node.toml, as the node uses).
     """
     series = find_series(data_dir)
-    rules = compile_rules()
+    if rules is None:
+        rules = config.load().rules
     cases = []
     for files in series.values():
         (first,) = read_datasets(files[:1])
@@ -210,7 +214,8 @@ def dicom_cases(data_dir: Path, sequence: str, roi_pattern: str = DEFAULT_ROI_PA
     return sorted(cases, key=lambda c: c.case_id)
 
 
-def find_cases(data_dir: Path, sequence: str, roi_pattern: str = DEFAULT_ROI_PATTERN) -> Sequence[CaseSource]:
+def find_cases(data_dir: Path, sequence: str, roi_pattern: str = DEFAULT_ROI_PATTERN,
+               rules: Rules | None = None) -> Sequence[CaseSource]:
     """All labelled cases under ``data_dir``: the NIfTI layout if present, DICOM otherwise.
 
     Raises
@@ -222,7 +227,7 @@ def find_cases(data_dir: Path, sequence: str, roi_pattern: str = DEFAULT_ROI_PAT
         raise SeriesError(f"training data must be a folder; found {data_dir}")
     cases: Sequence[CaseSource] = nifti_cases(data_dir, sequence)
     if not cases:
-        cases = dicom_cases(data_dir, sequence, roi_pattern)
+        cases = dicom_cases(data_dir, sequence, roi_pattern, rules)
     if not cases:
         raise SeriesError(
             f"{data_dir} must hold labelled cases for {sequence!r} (NIfTI <CASE>/<CASE>-"

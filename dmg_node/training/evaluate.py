@@ -21,9 +21,10 @@ import numpy.typing as npt
 import structlog
 from scipy import ndimage
 
+from dmg_node.classify import Rules
 from dmg_node.fsutil import atomic_write, ensure_dir
-from dmg_node.segment.data import DEFAULT_ROI_PATTERN, find_cases
 from dmg_node.segment.infer import Segmenter
+from dmg_node.training.data import DEFAULT_ROI_PATTERN, find_cases
 
 log = structlog.get_logger(__name__)
 
@@ -150,6 +151,7 @@ def evaluate(
     n_overlays: int = 4,
     roi_pattern: str = DEFAULT_ROI_PATTERN,
     grow: bool = True,
+    rules: Rules | None = None,
 ) -> Evaluation:
     """Segment every labelled case in ``data_dir`` and write ``report_dir/report.md``.
 
@@ -170,6 +172,8 @@ def evaluate(
     grow
         Apply the manifest's intensity-guided growth when it has one (as the node does);
         False measures the model without it.
+    rules
+        Classification rules for DICOM references (``None``: the default config's, as the node).
 
     Returns
     -------
@@ -187,7 +191,7 @@ def evaluate(
     ensure_dir(report_dir / "overlays")
     results: list[CaseResult] = []
     pictures: list[str] = []
-    for source in find_cases(data_dir, segmenter.sequence, roi_pattern):
+    for source in find_cases(data_dir, segmenter.sequence, roi_pattern, rules):
         case = source.load()
         start = time.perf_counter()
         pred = segmenter.predict(case.image)

@@ -1,4 +1,4 @@
-"""The tumour of a phantom case and the MR signal of its tissues (part of :mod:`dmg_node.segment.phantom`).
+"""The tumour of a phantom case and the MR signal of its tissues (part of :mod:`dmg_node.phantoms.phantom`).
 
 A DMG grows in the pons, medulla or a thalamus (site and target volume drawn per case) as a
 union of rotated ellipsoids with a noisy, soft margin and no, patchy or ring enhancement. T2,
@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
-from dmg_node.segment.anatomy import F32, F64, RAS_TO_LPS, _Part, _ramp, _rotation
+from dmg_node.phantoms.anatomy import F32, F64, RAS_TO_LPS, _Part, _ramp, _rotation
 
 SEQUENCES = ("t1c", "t2", "flair")  # also the order of each tissue's signal triple
 

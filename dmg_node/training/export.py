@@ -1,4 +1,4 @@
-"""Generator weights on disk: torch state_dict and the ONNX graph used on CPU.
+"""Writing a trained model: torch state_dict, the ONNX graph used on CPU, and the manifest.
 
 Both are written through :func:`dmg_node.fsutil.atomic_write`, so a model folder never holds a
 torn weights file whose hash the manifest would then refuse.
@@ -14,15 +14,19 @@ from typing import Any
 
 import torch
 
-from dmg_node.errors import ModelError
 from dmg_node.fsutil import atomic_write, ensure_dir
-from dmg_node.segment.manifest import ONNX_WEIGHTS, TORCH_WEIGHTS, Manifest, sha256_file, write_manifest
-from dmg_node.segment.network import Generator, GeneratorConfig
+from dmg_node.segment.manifest import (
+    ONNX_WEIGHTS,
+    TORCH_WEIGHTS,
+    Manifest,
+    sha256_file,
+    write_manifest,
+)
+from dmg_node.segment.network import Generator
 from dmg_node.segment.preprocess import PreprocessConfig
+from dmg_node.segment.weights import INPUT_NAME, OUTPUT_NAME
 
 ONNX_OPSET = 17
-INPUT_NAME = "image"
-OUTPUT_NAME = "logits"
 
 
 def save_generator(generator: Generator, path: Path) -> None:
@@ -30,23 +34,6 @@ def save_generator(generator: Generator, path: Path) -> None:
     buffer = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in generator.state_dict().items()}, buffer)
     atomic_write(path, buffer.getvalue())
-
-
-def load_generator(path: Path, config: GeneratorConfig, device: torch.device | str = "cpu") -> Generator:
-    """Build a :class:`Generator` from ``config`` and load ``path`` into it (eval mode).
-
-    Raises
-    ------
-    ModelError
-        If the file cannot be unpickled as tensors or does not fit the configuration.
-    """
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        generator = Generator(config)
-        generator.load_state_dict(state)
-    except (OSError, RuntimeError, KeyError, TypeError, ValueError) as exc:
-        raise ModelError(f"generator weights {path} must match the manifest's network; loading failed: {exc}") from exc
-    return generator.to(device).eval()
 
 
 def export_onnx(generator: Generator, path: Path) -> None:

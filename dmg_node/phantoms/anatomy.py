@@ -1,4 +1,4 @@
-"""Template-space head anatomy of the phantom (:mod:`dmg_node.segment.phantom`) and its deformation.
+"""Template-space head anatomy of the phantom (:mod:`dmg_node.phantoms.phantom`) and its deformation.
 
 The anatomy is the ICBM152 2009a (symmetric) 1 mm T1 template with its grey/white-matter
 probability maps, shipped in nilearn's wheel (read offline). CSF is what the intracranial volume

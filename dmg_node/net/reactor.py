@@ -14,7 +14,7 @@ request is being served (see below and :func:`waking_reactor`).
 DUL reactor: pynetdicom's DUL thread looks at its socket and at its outgoing queue without
 blocking and sleeps ``_run_loop_delay`` when both were idle, so each PDU that arrives and each
 response that leaves waits for that sleep to end (0.2 ms even when shortened as
-:data:`dmg_node.receive.DUL_POLL_SECONDS`). :func:`install` sets the sleep to 0 and makes the
+:data:`dmg_node.net.tuning.DUL_POLL_SECONDS`). :func:`install` sets the sleep to 0 and makes the
 idle check block in ``select`` on the socket and on an eventfd that ``send_pdu`` signals, for up
 to the same millisecond; the loop itself stays pynetdicom's. +16 % images/s on tmpfs, where the
 disk does not hide it (docs/benchmarks.md).

@@ -11,7 +11,7 @@ ROI Interpreted Type) are not used.
 The contours are NOT rt-utils': it traces voxel centres (a half-voxel inset), swaps row and
 column spacing, takes z from the mean slice spacing and can emit 1-2 point contours. Correcting
 that chain code is messier than tracing the mask ourselves, so
-:func:`dmg_node.contours.slice_polygons` traces the voxel-edge boundary exactly (pixel corners),
+:func:`dmg_node.rtstruct.contours.slice_polygons` traces the voxel-edge boundary exactly (pixel corners),
 with holes joined to their outer boundary by a zero-width cut along a pixel edge (a "keyhole").
 A reader that fills each contour at voxel centres by the even-odd or non-zero rule gives the
 mask back voxel for voxel whether it ORs the contours of a slice (plastimatch's default, which
@@ -40,9 +40,9 @@ from rt_utils import ds_helper
 from rt_utils.utils import ROIData
 
 import dmg_node
-from dmg_node.contours import add_crossings, closing_edge_along, slice_polygons
 from dmg_node.errors import RtStructError
 from dmg_node.fsutil import atomic_write
+from dmg_node.rtstruct.contours import closing_edge_along, slice_polygons
 from dmg_node.volume import Volume
 
 log = structlog.get_logger(__name__)
@@ -176,45 +176,6 @@ def save_rtstruct(ds: Dataset, path: Path) -> None:
     buffer = io.BytesIO()
     dcmwrite(buffer, ds, enforce_file_format=True)
     atomic_write(path, buffer.getvalue())
-
-
-def read_roi_mask(rtstruct: Dataset, volume: Volume, roi_name: str) -> npt.NDArray[np.bool_]:
-    """Rasterise the closed-planar contours of one ROI onto *volume*'s grid.
-
-    A voxel is inside when its centre is inside an odd number of the contours of its slice
-    (even-odd rule per contour, contours XORed: nested contours are holes, as most TPSs read
-    them; for contours written by :func:`build_rtstruct` this equals OR). Each contour is put
-    on the nearest slice; contours outside the volume's slices are skipped and logged.
-
-    Raises
-    ------
-    RtStructError
-        If the ROI is missing or ambiguous, or a contour does not lie in one slice plane.
-    """
-    numbers = [int(item.ROINumber) for item in rtstruct.get("StructureSetROISequence", [])
-               if str(item.get("ROIName", "")) == roi_name]
-    if len(numbers) != 1:
-        raise RtStructError(f"RTSTRUCT must have exactly one ROI named {roi_name!r}; found {len(numbers)}")
-    contours = [c for item in rtstruct.get("ROIContourSequence", [])
-                if int(item.ReferencedROINumber) == numbers[0] for c in item.get("ContourSequence", [])]
-    n_slices, rows, cols = volume.array.shape
-    crossings = np.zeros((n_slices, rows, cols + 1), dtype=np.int32)
-    for number, contour in enumerate(contours, start=1):
-        if contour.get("ContourGeometricType") not in ("CLOSED_PLANAR", "CLOSED_PLANAR_XOR"):
-            continue
-        points = np.asarray([float(v) for v in contour.ContourData], dtype=np.float64).reshape(-1, 3)
-        ijk = volume.patient_to_index(points)
-        k = int(np.rint(ijk[:, 2].mean()))
-        if np.max(np.abs(ijk[:, 2] - k)) >= 0.5:
-            raise RtStructError(
-                f"contour {number} of {roi_name!r} spans {np.ptp(ijk[:, 2]):.2f} slices; it must lie in one slice plane"
-            )
-        if not 0 <= k < n_slices:
-            log.warning("contour_outside_volume", roi=roi_name, contour=number, slice=k)
-            continue
-        add_crossings(crossings[k], ijk[:, :2])
-    inside: npt.NDArray[np.bool_] = (np.cumsum(crossings, axis=2)[:, :, :cols] % 2) == 1
-    return inside
 
 
 def _check_source(source: Sequence[Dataset], volume: Volume) -> dict[str, Dataset]:

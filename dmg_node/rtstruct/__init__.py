@@ -1,0 +1,11 @@
+"""RTSTRUCT (RT Structure Set IOD, PS3.3 A.19): build one from a mask, read one back to a mask.
+
+- :mod:`.build`: mask + source series -> RTSTRUCT dataset, and writing it atomically.
+- :mod:`.contours`: exact voxel-edge tracing of a mask slice into closed planar polygons.
+- :mod:`.read`: RTSTRUCT ROI -> mask on a series' grid.
+"""
+
+from dmg_node.rtstruct.build import RoiSpec, RtStructMeta, build_rtstruct, save_rtstruct
+from dmg_node.rtstruct.read import read_roi_mask
+
+__all__ = ["RoiSpec", "RtStructMeta", "build_rtstruct", "read_roi_mask", "save_rtstruct"]
