@@ -25,6 +25,8 @@ from dmg_node.errors import ConfigError, DmgNodeError
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG = 3
+# Import names of the packages in the [train] extra (train, evaluate, phantom, demo need them).
+TRAIN_EXTRA_MODULES = frozenset({"nibabel", "nilearn", "onnx", "tqdm", "cv2"})
 
 log = structlog.get_logger(__name__)
 
@@ -354,6 +356,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     except DmgNodeError as exc:
         print(f"dmg-node: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.split(".")[0] not in TRAIN_EXTRA_MODULES:
+            raise
+        print(f"dmg-node: '{args.command}' needs the training packages ({exc.name} is not installed): "
+              "pip install 'dmg-node[train]' (from a checkout: pip install -e '.[train]')", file=sys.stderr)
         return EXIT_FAILURE
 
 

@@ -3,6 +3,9 @@
 This is the one module that knows the file format. Every rule is checked at start-up, and a
 broken file raises :class:`ConfigError` with the file and the dotted key in its message, so
 ``dmg-node serve`` can print one line and exit with ``EXIT_CONFIG`` instead of a traceback.
+
+One module because it is the file format's only reader: the settings records, their enums and
+the validation that builds them change together, key by key.
 """
 
 from __future__ import annotations
