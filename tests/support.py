@@ -63,6 +63,13 @@ def dcmtk_env() -> dict[str, str]:
     return {**os.environ, "TCP_NODELAY": "1"}
 
 
+def storescu(port: int, folder: Path, *extra: str, aet: str = "SCANNER", aec: str = "DMG_NODE",
+             timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """DCMTK storescu of every file under *folder* in one association to 127.0.0.1:*port*."""
+    return subprocess.run([DCMTK["storescu"], "-aet", aet, "-aec", aec, *extra, "+sd", "+r", LOCALHOST, str(port),
+                           str(folder)], capture_output=True, text=True, timeout=timeout, env=dcmtk_env())
+
+
 def mr_dataset(
     study_uid: str, series_uid: str, index: int, *, rows: int = 64, cols: int = 64,
     patient_name: str = "DOE^JANE", description: str = "T2 TSE AX", seed: int = 0,

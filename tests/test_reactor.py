@@ -72,6 +72,7 @@ def test_idle_association_is_ended_after_network_timeout(tmp_path: Path) -> None
     assert not assoc.is_established and 0.4 <= waited < 5, waited
 
 
+@pytest.mark.perf
 def test_an_idle_association_does_not_spin(tmp_path: Path) -> None:
     """With the DUL waiting in select instead of sleeping 0 s, an open, idle association costs
     little CPU (pynetdicom's own loop wakes every millisecond; so does this one)."""

@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 from pydicom import dcmread
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
-from pynetdicom import AE
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from structlog.testing import capture_logs
 
 from dmg_node.net.scp import Receiver, StoreStatus
-from tests.support import DCMTK, LOCALHOST, dcmtk_env, mr_dataset, running_receiver, write_series
+from tests.fuzz_support import send_raw
+from tests.support import DCMTK, LOCALHOST, dcmtk_env, mr_dataset, running_receiver, storescu, write_series
 
 pytestmark = pytest.mark.network
 
@@ -32,11 +32,6 @@ def _run(args: list[str], timeout: float = 60) -> subprocess.CompletedProcess[st
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=dcmtk_env())
 
 
-def _storescu(rx: Receiver, folder: Path, *extra: str, aet: str = "SCANNER") -> subprocess.CompletedProcess[str]:
-    return _run([DCMTK["storescu"], "-aet", aet, "-aec", "DMG_NODE", *extra, "+sd", "+r", LOCALHOST, str(rx.port),
-                 str(folder)])
-
-
 def test_echoscu(scp: Receiver) -> None:
     """DCMTK echoscu gets a successful C-ECHO."""
     with capture_logs() as logs:
@@ -49,7 +44,7 @@ def test_storescu_series_is_spooled_bit_identical(scp: Receiver, tmp_path: Path)
     """Every instance storescu sends is in the spool and the index, with the sent dataset bytes."""
     paths = write_series(tmp_path / "in", 12)
     with capture_logs() as logs:
-        r = _storescu(scp, tmp_path / "in")
+        r = storescu(scp.port, tmp_path / "in")
     assert r.returncode == 0, r.stderr
     assert scp.spool.instance_count() == 12
     [study] = scp.spool.summary()
@@ -70,7 +65,7 @@ def test_compressed_transfer_syntaxes_are_accepted(scp: Receiver, tmp_path: Path
     (tmp_path / "jpeg").mkdir()
     for p in sorted((tmp_path / "raw").iterdir()):
         assert _run([DCMTK["dcmcjpeg"], "+e1", str(p), str(tmp_path / "jpeg" / p.name)]).returncode == 0
-    r = _storescu(scp, tmp_path / "jpeg", "-xs")
+    r = storescu(scp.port, tmp_path / "jpeg", "-xs")
     assert r.returncode == 0, r.stderr
     stored = sorted(scp.spool.root.rglob("*.dcm"))
     assert len(stored) == 3
@@ -82,12 +77,12 @@ def test_calling_aet_allow_list(scp: Receiver, tmp_path: Path) -> None:
     """A caller outside the allow-list gets A-ASSOCIATE-RJ and a log line; an allowed one stores."""
     write_series(tmp_path / "in", 2)
     with capture_logs() as logs:
-        r = _storescu(scp, tmp_path / "in", aet="INTRUDER")
+        r = storescu(scp.port, tmp_path / "in", aet="INTRUDER")
     assert r.returncode != 0 and "Rejected" in (r.stdout + r.stderr)
     assert scp.spool.instance_count() == 0
     [rej] = [e for e in logs if e["event"] == "association_rejected"]
     assert rej["calling_aet"] == "INTRUDER" and rej["reason"] == "calling AE title not allowed"
-    assert _storescu(scp, tmp_path / "in", aet="SCANNER").returncode == 0
+    assert storescu(scp.port, tmp_path / "in", aet="SCANNER").returncode == 0
     assert scp.spool.instance_count() == 2
 
 
@@ -102,51 +97,23 @@ def test_wrong_called_aet_rejected(scp: Receiver) -> None:
 def test_duplicate_is_stored_once(scp: Receiver, tmp_path: Path) -> None:
     """The same SOP Instance sent twice is indexed once, and the duplicate is logged."""
     write_series(tmp_path / "in", 3)
-    assert _storescu(scp, tmp_path / "in").returncode == 0
+    assert storescu(scp.port, tmp_path / "in").returncode == 0
     with capture_logs() as logs:
-        assert _storescu(scp, tmp_path / "in").returncode == 0
+        assert storescu(scp.port, tmp_path / "in").returncode == 0
     assert scp.spool.instance_count() == 3
     assert len(list(scp.spool.root.rglob("*.dcm"))) == 3
     assert sum(e["event"] == "instance_duplicate" and e["kept"] == "later" for e in logs) == 3
-
-
-def _send_raw(port: int, body: bytes, sop_uid: str, tmp_path: Path) -> Any:
-    """Send a Part 10 file whose dataset bytes are *body* without decoding it (pynetdicom streams files)."""
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.filewriter import write_file_meta_info
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = MRImageStorage
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    path = tmp_path / f"raw-{sop_uid}.dcm"
-    with open(path, "wb") as f:
-        f.write(b"\x00" * 128 + b"DICM")
-        write_file_meta_info(f, meta)  # type: ignore[arg-type]
-        f.write(body)
-    from pynetdicom import _config
-
-    ae = AE(ae_title="FUZZER")
-    ae.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
-    assoc = ae.associate(LOCALHOST, port, ae_title="DMG_NODE")
-    assert assoc.is_established
-    old, _config.STORE_SEND_CHUNKED_DATASET = _config.STORE_SEND_CHUNKED_DATASET, True  # send bytes as they are
-    try:
-        return assoc.send_c_store(path)
-    finally:
-        _config.STORE_SEND_CHUNKED_DATASET = old
-        assoc.release()
 
 
 def test_malformed_dataset_gets_failure_and_node_keeps_serving(scp: Receiver, tmp_path: Path) -> None:
     """Undecodable bytes get 0xC000 and a log line; the next good instance is stored."""
     uid = generate_uid()
     with capture_logs() as logs:
-        rsp = _send_raw(scp.port, b"\x08\x00\x18\x00UI\xff\x7fgarbage" * 3, uid, tmp_path)
-    assert 0xC000 <= rsp.Status <= 0xCFFF  # "Cannot understand" range (PS3.4 B.2.3)
-    assert any(e["event"] == "store_rejected" and e["status"] == f"0x{rsp.Status:04X}" for e in logs)
+        status = send_raw(scp.port, b"\x08\x00\x18\x00UI\xff\x7fgarbage" * 3, uid, tmp_path)
+    assert status is not None and 0xC000 <= status <= 0xCFFF  # "Cannot understand" range (PS3.4 B.2.3)
+    assert any(e["event"] == "store_rejected" and e["status"] == f"0x{status:04X}" for e in logs)
     write_series(tmp_path / "in", 1)
-    assert _storescu(scp, tmp_path / "in").returncode == 0
+    assert storescu(scp.port, tmp_path / "in").returncode == 0
     assert scp.spool.instance_count() == 1
 
 
@@ -162,8 +129,8 @@ def test_missing_uids_get_failure(scp: Receiver, tmp_path: Path) -> None:
     buf.is_little_endian, buf.is_implicit_VR = True, False
     write_dataset(buf, ds)
     with capture_logs() as logs:
-        rsp = _send_raw(scp.port, buf.getvalue(), ds.SOPInstanceUID, tmp_path)
-    assert rsp.Status == StoreStatus.MISSING_UID
+        status = send_raw(scp.port, buf.getvalue(), ds.SOPInstanceUID, tmp_path)
+    assert status == StoreStatus.MISSING_UID
     assert [e["reason"] for e in logs if e["event"] == "store_rejected"] == [
         "missing StudyInstanceUID, SeriesInstanceUID"]
     assert scp.spool.instance_count() == 0
@@ -177,7 +144,7 @@ def test_write_error_answers_out_of_resources(scp: Receiver, tmp_path: Path, mon
     monkeypatch.setattr(scp.spool, "store", full)
     write_series(tmp_path / "in", 2)
     with capture_logs() as logs:
-        r = _storescu(scp, tmp_path / "in", "-nh", "-v")
+        r = storescu(scp.port, tmp_path / "in", "-nh", "-v")
     assert "Refused: OutOfResources" in r.stdout + r.stderr
     assert sum(e["event"] == "store_failed" and e["status"] == "0xA700" for e in logs) >= 1
     assert not any(e["event"] == "instance_stored" for e in logs)
@@ -188,6 +155,6 @@ def test_low_disk_reserve_refuses(scp: Receiver, tmp_path: Path) -> None:
     """Below the free-space reserve the SCP answers 0xA700 and logs a warning, before the disk is full."""
     write_series(tmp_path / "in", 1)
     with capture_logs() as logs:
-        _storescu(scp, tmp_path / "in")
+        storescu(scp.port, tmp_path / "in")
     assert any(e["event"] == "store_refused_low_disk" and e["status"] == "0xA700" for e in logs)
     assert scp.spool.instance_count() == 0

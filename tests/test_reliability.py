@@ -68,6 +68,7 @@ from tests.support import (
     running_node,
     running_receiver,
     running_storescp,
+    storescu,
     write_series,
 )
 
@@ -78,12 +79,6 @@ FAILURE_STATUSES = {StoreStatus.OUT_OF_RESOURCES, StoreStatus.DATA_SET_DOES_NOT_
 
 
 # -- helpers -----------------------------------------------------------------------------------
-
-
-def _storescu(port: int, folder: Path, *extra: str, aet: str = "SCANNER", aec: str = "DMG_NODE",
-              timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([DCMTK["storescu"], "-aet", aet, "-aec", aec, *extra, "+sd", "+r", LOCALHOST, str(port),
-                           str(folder)], capture_output=True, text=True, timeout=timeout, env=dcmtk_env())
 
 
 def _acknowledged(storescu_verbose: str) -> list[Path]:
@@ -203,7 +198,8 @@ def test_outbox_item_survives_kill_9_and_is_delivered_exactly_once(tmp_path: Pat
             node2.wait_event("rtstruct_send_failed", sop_uid=late_sop)  # still down after the restart
             with running_storescp(tmp_path / "late", "TPS", "+uf", port=late_port):
                 node2.wait_event("rtstruct_sent", sop_uid=late_sop, timeout=30)
-                time.sleep(1.0)  # several outbox polls: time for a wrong resend of either item
+            # No sleep for "a wrong resend": the index below says both items are `sent`, and the
+            # outbox worker only ever selects `pending` items.
             assert _count(node2, "rtstruct_sent", sop_uid=sent_sop) == 0
             assert node2.stop() == 0, node2.log_path.read_text()[-3000:]  # graceful stop with outbox workers
     assert _received_sops(tmp_path / "tps") == [sent_sop]
@@ -371,7 +367,7 @@ def test_series_that_cannot_make_a_volume_is_rejected_with_a_reason_and_the_node
     reasons = {se["series_instance_uid"]: se["reason"] for st in report["studies"] for se in st["series"]}
     assert all(reasons[s].startswith("rejected: ") for s in bad)
     write_series(tmp_path / "good", 3)
-    assert _storescu(fuzz_node.port, tmp_path / "good").returncode == 0
+    assert storescu(fuzz_node.port, tmp_path / "good").returncode == 0
     assert fuzz_node.proc.poll() is None
 
 
@@ -415,7 +411,7 @@ def test_full_disk_answers_out_of_resources_then_resumes(
         with open(filler, "wb") as f:
             f.write(b"\x00" * (shutil.disk_usage(disk).free - 400 * 1024))
         with capture_logs() as logs:
-            full = _storescu(rx.port, tmp_path / "in", "-v", "-nh")
+            full = storescu(rx.port, tmp_path / "in", "-v", "-nh")
         out = full.stdout + full.stderr
         ok, refused = out.count("Received Store Response (Success)"), out.count("Refused: OutOfResources")
         assert ok + refused == 150 and ok >= 1 and refused >= 1, out[-2000:]
@@ -426,7 +422,7 @@ def test_full_disk_answers_out_of_resources_then_resumes(
         assert len(files) == rx.spool.instance_count() == ok
         assert not [p for p in disk.rglob("*") if p.is_file() and (p.name.endswith(TMP_SUFFIX) or not p.stat().st_size)]
         filler.unlink()
-        again = _storescu(rx.port, tmp_path / "in", "-v")
+        again = storescu(rx.port, tmp_path / "in", "-v")
         assert again.returncode == 0, again.stderr[-2000:]
         assert rx.spool.instance_count() == 150
         assert len([p for p in (disk / "spool" / "studies").rglob("*") if p.is_file()]) == 150
@@ -440,7 +436,7 @@ def test_index_full_answers_out_of_resources_and_leaves_no_orphan(tmp_path: Path
         db = rx.spool._db
         db.execute(f"PRAGMA max_page_count = {db.execute('PRAGMA page_count').fetchone()[0]}")
         with capture_logs() as logs:
-            r = _storescu(rx.port, tmp_path / "in", "-v", "-nh")
+            r = storescu(rx.port, tmp_path / "in", "-v", "-nh")
         out = r.stdout + r.stderr
         ok, refused = out.count("Received Store Response (Success)"), out.count("Refused: OutOfResources")
         assert ok + refused == 40 and ok >= 1 and refused >= 1, out[-2000:]
@@ -448,7 +444,7 @@ def test_index_full_answers_out_of_resources_and_leaves_no_orphan(tmp_path: Path
         assert len(failed) == refused and all("full" in e["error"] for e in failed)
         assert len([p for p in (tmp_path / "spool" / "studies").rglob("*") if p.is_file()]) == ok
         db.execute("PRAGMA max_page_count = 1073741823")
-        assert _storescu(rx.port, tmp_path / "in").returncode == 0
+        assert storescu(rx.port, tmp_path / "in").returncode == 0
         assert rx.spool.instance_count() == 40
 
 
@@ -518,7 +514,7 @@ def test_association_limit_refuses_the_excess_cleanly(
         rejected = [e for e in logs if e["event"] == "association_rejected"]
         assert len(rejected) == len(refused) and {e["reason"] for e in rejected} == {"too many associations"}
         assert rx.spool.instance_count() == 200 * len(accepted)
-        assert _storescu(rx.port, eight_series[0]).returncode == 0
+        assert storescu(rx.port, eight_series[0]).returncode == 0
 
 
 # -- 5. access ---------------------------------------------------------------------------------
@@ -533,9 +529,9 @@ def test_called_aet_is_not_checked_when_require_called_aet_is_false(tmp_path: Pa
     write_series(tmp_path / "in", 2)
     with running_receiver(tmp_path / "spool", min_free_mb=0, node={"require_called_aet": False},
                    access={"allowed_calling_aets": ["SCANNER"]}) as rx, capture_logs() as logs:
-        assert _storescu(rx.port, tmp_path / "in", aec="SOMEONE_ELSE").returncode == 0
+        assert storescu(rx.port, tmp_path / "in", aec="SOMEONE_ELSE").returncode == 0
         assert rx.spool.instance_count() == 2
-        assert _storescu(rx.port, tmp_path / "in", aet="INTRUDER", aec="SOMEONE_ELSE").returncode != 0
+        assert storescu(rx.port, tmp_path / "in", aet="INTRUDER", aec="SOMEONE_ELSE").returncode != 0
     [rejected] = [e for e in logs if e["event"] == "association_rejected"]
     assert rejected["reason"] == "calling AE title not allowed"
     assert any(e["event"] == "association_accepted" and e["called_aet"] == "SOMEONE_ELSE" for e in logs)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from tests.support import DCMTK, LOCALHOST, dcmtk_env, running_node, running_storescp, write_series
+from tests.support import DCMTK, LOCALHOST, dcmtk_env, running_node, running_storescp, storescu, write_series
 
 pytestmark = pytest.mark.network
 
@@ -20,11 +20,6 @@ pytestmark = pytest.mark.network
 def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "dmg_node.cli", *args], capture_output=True, text=True,
                           timeout=120, cwd=cwd)
-
-
-def _storescu(port: int, folder: Path, aet: str = "SCANNER", *extra: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([DCMTK["storescu"], "-aet", aet, "-aec", "DMG_NODE", *extra, "+sd", "+r", LOCALHOST,
-                           str(port), str(folder)], capture_output=True, text=True, timeout=120, env=dcmtk_env())
 
 
 def test_serve_receives_and_status_reports(tmp_path: Path) -> None:
@@ -35,8 +30,8 @@ def test_serve_receives_and_status_reports(tmp_path: Path) -> None:
         echo = subprocess.run([DCMTK["echoscu"], "-aet", "SCANNER", "-aec", "DMG_NODE", LOCALHOST, str(node.port)],
                               capture_output=True, text=True, timeout=60, env=dcmtk_env())
         assert echo.returncode == 0, echo.stderr
-        assert _storescu(node.port, tmp_path / "a").returncode == 0
-        assert _storescu(node.port, tmp_path / "b").returncode == 0
+        assert storescu(node.port, tmp_path / "a").returncode == 0
+        assert storescu(node.port, tmp_path / "b").returncode == 0
         status = _cli("status", "--json", "--config", str(node.config_path))
         assert status.returncode == 0, status.stderr
         report = json.loads(status.stdout)
@@ -56,10 +51,10 @@ def test_duplicate_and_rejected_caller(tmp_path: Path) -> None:
     """A caller outside the allow-list is refused; a re-sent series is stored once."""
     write_series(tmp_path / "a", 4)
     with running_node(tmp_path, access={"allowed_calling_aets": ["SCANNER"]}) as node:
-        denied = _storescu(node.port, tmp_path / "a", "ROGUE")
+        denied = storescu(node.port, tmp_path / "a", aet="ROGUE")
         assert denied.returncode != 0
-        assert _storescu(node.port, tmp_path / "a").returncode == 0
-        assert _storescu(node.port, tmp_path / "a").returncode == 0
+        assert storescu(node.port, tmp_path / "a").returncode == 0
+        assert storescu(node.port, tmp_path / "a").returncode == 0
         node.wait_event("association_released", stored=4)
         rejected = [e for e in node.events() if e["event"] == "association_rejected"]
         assert [e["calling_aet"] for e in rejected] == ["ROGUE"]
@@ -111,7 +106,7 @@ def test_restart_keeps_waiting_study(tmp_path: Path) -> None:
     """A study that was waiting when the node stopped is completed exactly once after restart."""
     write_series(tmp_path / "a", 3)
     with running_node(tmp_path, assembly={"quiet_seconds": 4}) as node:
-        assert _storescu(node.port, tmp_path / "a").returncode == 0
+        assert storescu(node.port, tmp_path / "a").returncode == 0
     assert not any(e["event"] == "study_complete" for e in node.events())
     time.sleep(0.5)
     with running_node(tmp_path, assembly={"quiet_seconds": 4}) as node2:
@@ -130,19 +125,19 @@ def test_late_arrival_policy(tmp_path: Path, policy: str) -> None:
     for p in paths[:3]:
         p.rename(tmp_path / "first" / p.name)
     paths[3].rename(tmp_path / "late" / paths[3].name)
+    # A second study sent after the late instance: once it is complete, the assembler has passed
+    # the late instance's quiet period too, so "not reprocessed" is read from events, not a sleep.
+    write_series(tmp_path / "marker", 1, study_uid="1.2.826.0.1.3680043.10.999", series_uid="1.2.826.0.1.3680043.10.999.1")
     with running_node(tmp_path, assembly={"quiet_seconds": 1.5, "late_policy": policy}) as node:
-        assert _storescu(node.port, tmp_path / "first").returncode == 0
+        assert storescu(node.port, tmp_path / "first").returncode == 0
         node.wait_event("job_done", timeout=60)
-        assert _storescu(node.port, tmp_path / "late").returncode == 0
+        assert storescu(node.port, tmp_path / "late").returncode == 0
         node.wait_event("late_instance", late_policy=policy)
-        if policy == "reprocess":
-            node.wait_event("study_complete", reprocess=True, timeout=30)
-            node.wait_event("job_done", job_id=2, timeout=60)
-        else:
-            time.sleep(4)
-    completes = [e for e in node.events() if e["event"] == "study_complete"]
+        assert storescu(node.port, tmp_path / "marker").returncode == 0
+        node.wait_event("study_complete", study_uid="1.2.826.0.1.3680043.10.999", timeout=60)
+    completes = [e for e in node.events() if e["event"] == "study_complete" and e["study_uid"] != "1.2.826.0.1.3680043.10.999"]
     assert len(completes) == (2 if policy == "reprocess" else 1)
-    assert len(list((tmp_path / "spool" / "studies").rglob("*.dcm"))) == 4
+    assert len(list((tmp_path / "spool" / "studies").rglob("*.dcm"))) == 5
 
 
 def test_second_node_on_the_same_spool_or_port_is_refused_clearly(tmp_path: Path) -> None:
