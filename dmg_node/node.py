@@ -31,6 +31,7 @@ from dmg_node.segment.routing import ModelSet
 from dmg_node.storage import dropfolder
 from dmg_node.storage.spool import Spool
 from dmg_node.watch import Watcher
+from dmg_node.web import server as web_server
 
 log = structlog.get_logger(__name__)
 
@@ -53,6 +54,7 @@ class Node:
         self.models = ModelRegistry(settings, fixed=models)
         self._config_text = self._read_config_text()
         self._watcher: Watcher | None = None
+        self._web: web_server.WebServer | None = None
         self.started = time.time()
 
     def start(self) -> None:
@@ -70,6 +72,8 @@ class Node:
             self._threads.append(t)
         self._sync_outbox_workers()
         self._write_status()
+        self._web = web_server.start(self.settings, self.spool, self.spool.root / STATUS_FILE,
+                                     lambda: self.settings.logging.include_phi, logs.RECENT_WARNINGS.events)
         log.info("node_started", version=__version__, ae_title=self.settings.node.ae_title, port=self.receiver.port,
                  destinations=[d.name for d in self.settings.destinations],
                  models={k.value: m.name for k, m in self.models.models.items()})
@@ -86,6 +90,8 @@ class Node:
         log.info("node_stopping")
         self._stop.set()
         self.receiver.stop(grace_seconds)
+        if self._web is not None:
+            self._web.stop()
         self._job_wake.set()
         if self._watcher is not None:
             self._watcher.stop()
