@@ -298,3 +298,68 @@ def _screenshot(url: str, tmp_path: Path) -> Path:
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and out.exists(), done.stderr[-2000:]
     return out
+
+
+def test_server_on_a_taken_port_is_logged_and_the_node_goes_on(spool: Spool) -> None:
+    """A taken [web] port gives web_start_failed and no server; port 0 picks a free one, served until stop."""
+    import socket
+
+    from structlog.testing import capture_logs
+
+    from dmg_node import config
+    from dmg_node.web import server
+
+    with socket.create_server((LOCALHOST, 0)) as taken, capture_logs() as events:
+        port = taken.getsockname()[1]
+        settings = config.from_dict({"web": {"port": port}})
+        assert server.start(settings, spool, spool.root / "node-status.json", lambda: False, list) is None
+        web = server.start(config.from_dict({"web": {"port": 0}}), spool, spool.root / "node-status.json",
+                           lambda: False, list)
+        assert web is not None and web.port not in (0, port)
+        try:
+            body = urllib.request.urlopen(f"http://{LOCALHOST}:{web.port}/healthz", timeout=10).read()
+        finally:
+            web.stop()
+    assert body == b"ok"
+    names = [e["event"] for e in events]
+    assert names == ["web_start_failed", "web_started", "web_stopped"]
+    assert events[0]["port"] == port and events[2]["clean"] is True
+    assert config.from_dict({"web": {"enabled": False}}).web.enabled is False
+
+
+@pytest.mark.network
+def test_scp_counts_instances_bytes_failures_and_associations(tmp_path: Path) -> None:
+    """Each stored instance adds to the store histogram and the bytes; a failure status and a
+    rejected association are counted by name."""
+    from pydicom.uid import MRImageStorage
+    from pynetdicom import AE
+
+    from dmg_node.net.scp import StoreStatus
+    from tests.support import running_receiver
+
+    def value(name: str, **labels: str) -> float:
+        return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
+
+    before = {"n": value("dmg_node_store_seconds_count"), "bytes": value("dmg_node_received_bytes_total"),
+              "bad": value("dmg_node_store_failures_total", status="missing_uid"),
+              "ok": value("dmg_node_associations_total", outcome="accepted"),
+              "no": value("dmg_node_associations_total", outcome="rejected")}
+    good = [mr_dataset("1.2.3", "1.2.3.4", k) for k in range(3)]
+    bad = mr_dataset("1.2.3", "1.2.3.4", 9)
+    del bad.StudyInstanceUID
+    with running_receiver(tmp_path / "spool", access={"allowed_calling_aets": ["SCANNER"]}) as rx:
+        ae = AE(ae_title="SCANNER")
+        ae.add_requested_context(MRImageStorage)
+        assoc = ae.associate(LOCALHOST, rx.port, ae_title="DMG_NODE")
+        assert assoc.is_established
+        statuses = [int(assoc.send_c_store(ds).Status) for ds in [*good, bad]]
+        assoc.release()
+        stranger = AE(ae_title="STRANGER")
+        stranger.add_requested_context(MRImageStorage)
+        assert not stranger.associate(LOCALHOST, rx.port, ae_title="DMG_NODE").is_established
+    assert statuses == [StoreStatus.SUCCESS] * 3 + [StoreStatus.MISSING_UID]
+    assert value("dmg_node_store_seconds_count") - before["n"] == 3
+    assert value("dmg_node_received_bytes_total") - before["bytes"] > 3 * 64 * 64 * 2
+    assert value("dmg_node_store_failures_total", status="missing_uid") - before["bad"] == 1
+    assert value("dmg_node_associations_total", outcome="accepted") - before["ok"] == 1
+    assert value("dmg_node_associations_total", outcome="rejected") - before["no"] == 1

@@ -86,7 +86,8 @@ def overlay(volume: Volume, mask: npt.NDArray[np.bool_], slices: Sequence[int],
     factor; the edge is drawn two pixels wide on the scaled image so it stays thin.
     """
     array = volume.array
-    low, high = (float(v) for v in np.percentile(array, [1.0, 99.0]))
+    # every 4th pixel in-plane is plenty for a display window and 16 times quicker to sort
+    low, high = (float(v) for v in np.percentile(array[:, ::4, ::4], [1.0, 99.0]))
     rows, cols = array.shape[1:]
     factor = max(1, -(-PANEL_PX // max(rows, cols)))
     panels = []
