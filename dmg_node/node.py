@@ -236,6 +236,8 @@ class Node:
         restart += [f"storage.{k}" for k in ("root", "fsync") if getattr(old.storage, k) != getattr(new.storage, k)]
         new = dataclasses.replace(new, node=old.node, storage=dataclasses.replace(
             new.storage, root=old.storage.root, fsync=old.storage.fsync))
+        restart += [f"web.{k}" for k, v in vars(new.web).items() if getattr(old.web, k) != v]  # bound at start
+        new = dataclasses.replace(new, web=old.web)
         live = [f.name for f in dataclasses.fields(Settings) if getattr(old, f.name) != getattr(new, f.name)]
         self.settings = new
         self.receiver.apply(new)

@@ -363,3 +363,35 @@ def test_scp_counts_instances_bytes_failures_and_associations(tmp_path: Path) ->
     assert value("dmg_node_store_failures_total", status="missing_uid") - before["bad"] == 1
     assert value("dmg_node_associations_total", outcome="accepted") - before["ok"] == 1
     assert value("dmg_node_associations_total", outcome="rejected") - before["no"] == 1
+
+
+def test_node_starts_and_stops_its_page_and_a_web_change_needs_a_restart(tmp_path: Path) -> None:
+    """Node.start serves the page from [web] (port 0: a free one), a reloaded [web] is logged as
+    needing a restart and keeps the running address, and Node.stop stops the server."""
+    from structlog.testing import capture_logs
+
+    from dmg_node import config
+    from dmg_node.node import Node
+
+    settings = config.from_dict({
+        "node": {"host": LOCALHOST, "port": free_port()},
+        "storage": {"root": str(tmp_path / "spool"), "min_free_mb": 0},
+        "models": {"dir": str(tmp_path / "models")},
+        "web": {"port": 0},
+    })
+    node = Node(settings, models={})
+    with capture_logs() as events:
+        node.start()
+        try:
+            [started] = [e for e in events if e["event"] == "web_started"]
+            page = urllib.request.urlopen(f"http://{LOCALHOST}:{started['port']}/", timeout=10).read().decode()
+            node.apply_settings(config.from_dict({"node": {"host": LOCALHOST, "port": node.receiver.port},
+                                                  "storage": {"root": str(tmp_path / "spool"), "min_free_mb": 0},
+                                                  "models": {"dir": str(tmp_path / "models")},
+                                                  "web": {"port": 9}}))
+        finally:
+            node.stop(grace_seconds=5)
+    assert "running" in page and "DMG_NODE" in page
+    [restart] = [e for e in events if e["event"] == "config_change_needs_restart"]
+    assert restart["keys"] == ["web.port"] and node.settings.web.port == 0
+    assert any(e["event"] == "web_stopped" and e["clean"] for e in events)
