@@ -395,3 +395,10 @@ def test_node_starts_and_stops_its_page_and_a_web_change_needs_a_restart(tmp_pat
     [restart] = [e for e in events if e["event"] == "config_change_needs_restart"]
     assert restart["keys"] == ["web.port"] and node.settings.web.port == 0
     assert any(e["event"] == "web_stopped" and e["clean"] for e in events)
+
+
+def test_shipped_config_spells_out_the_web_defaults() -> None:
+    """config/node.toml's [web] holds the values the code uses when the table is missing."""
+    from dmg_node import config
+
+    assert config.load().web == config.from_dict({}).web == config.WebSettings(True, "127.0.0.1", 8080)
