@@ -213,6 +213,15 @@ class LoggingSettings:
 
 
 @dataclass(frozen=True)
+class WebSettings:
+    """The read-only status page and Prometheus metrics (``[web]``); PHI only with logging.include_phi."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8080
+
+
+@dataclass(frozen=True)
 class Settings:
     node: NodeSettings = field(default_factory=NodeSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
@@ -226,6 +235,7 @@ class Settings:
     classify: ClassifySettings = field(default_factory=ClassifySettings)
     import_: ImportSettings = field(default_factory=ImportSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
+    web: WebSettings = field(default_factory=WebSettings)
     source: Path | None = None
     # Compiled once from [classify] when the settings are built; every user reads these.
     rules: Rules = field(default_factory=compile_rules)
@@ -267,6 +277,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "storage.retention_days": (0, 36500),
     "import.settle_seconds": (0, 3600),
     "import.poll_seconds": (0.05, 3600),
+    "web.port": (0, 65535),
 }
 # Field names whose TOML key is a Python keyword.
 _TOML_KEYS = {"import_": "import"}

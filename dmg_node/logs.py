@@ -9,7 +9,9 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import threading
 import warnings
+from collections import deque
 from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any, TextIO
@@ -50,6 +52,33 @@ def drop_phi(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -
     return event_dict
 
 
+class RecentWarnings:
+    """Keep the last *size* warning and error events for the status page (a structlog processor).
+
+    It runs after the PHI filter, so it holds what the log holds; values are shortened.
+    """
+
+    def __init__(self, size: int = 100) -> None:
+        self._events: deque[dict[str, str]] = deque(maxlen=size)
+        self._lock = threading.Lock()
+
+    def __call__(self, _logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        if method in ("warning", "error", "exception", "critical"):
+            item = {k: str(v)[:300] for k, v in event_dict.items()}
+            with self._lock:
+                self._events.append(item)
+        return event_dict
+
+    def events(self) -> list[dict[str, str]]:
+        """Newest first."""
+        with self._lock:
+            return list(reversed(self._events))
+
+
+#: The process's recent warnings and errors (shown by the web status page).
+RECENT_WARNINGS = RecentWarnings()
+
+
 def _warning_to_log(message: Warning | str, category: type[Warning], filename: str, lineno: int,
                     file: TextIO | None = None, line: str | None = None) -> None:
     structlog.get_logger("py.warnings").warning(
@@ -78,6 +107,7 @@ def configure(level: str = "info", fmt: str = "json", include_phi: bool = False,
     ]
     if not include_phi:
         processors.append(drop_phi)
+    processors.append(RECENT_WARNINGS)
     processors.append(structlog.processors.format_exc_info)
     if fmt == "console":
         processors.append(structlog.dev.ConsoleRenderer(colors=False))

@@ -31,6 +31,7 @@ from dmg_node.segment.routing import ModelSet
 from dmg_node.storage import dropfolder
 from dmg_node.storage.spool import Spool
 from dmg_node.watch import Watcher
+from dmg_node.web import server as web_server
 
 log = structlog.get_logger(__name__)
 
@@ -53,6 +54,7 @@ class Node:
         self.models = ModelRegistry(settings, fixed=models)
         self._config_text = self._read_config_text()
         self._watcher: Watcher | None = None
+        self._web: web_server.WebServer | None = None
         self.started = time.time()
 
     def start(self) -> None:
@@ -70,6 +72,8 @@ class Node:
             self._threads.append(t)
         self._sync_outbox_workers()
         self._write_status()
+        self._web = web_server.start(self.settings, self.spool, self.spool.root / STATUS_FILE,
+                                     lambda: self.settings.logging.include_phi, logs.RECENT_WARNINGS.events)
         log.info("node_started", version=__version__, ae_title=self.settings.node.ae_title, port=self.receiver.port,
                  destinations=[d.name for d in self.settings.destinations],
                  models={k.value: m.name for k, m in self.models.models.items()})
@@ -86,6 +90,8 @@ class Node:
         log.info("node_stopping")
         self._stop.set()
         self.receiver.stop(grace_seconds)
+        if self._web is not None:
+            self._web.stop()
         self._job_wake.set()
         if self._watcher is not None:
             self._watcher.stop()
@@ -230,6 +236,8 @@ class Node:
         restart += [f"storage.{k}" for k in ("root", "fsync") if getattr(old.storage, k) != getattr(new.storage, k)]
         new = dataclasses.replace(new, node=old.node, storage=dataclasses.replace(
             new.storage, root=old.storage.root, fsync=old.storage.fsync))
+        restart += [f"web.{k}" for k, v in vars(new.web).items() if getattr(old.web, k) != v]  # bound at start
+        new = dataclasses.replace(new, web=old.web)
         live = [f.name for f in dataclasses.fields(Settings) if getattr(old, f.name) != getattr(new, f.name)]
         self.settings = new
         self.receiver.apply(new)

@@ -29,6 +29,7 @@ from dmg_node.rtstruct import RoiSpec, RtStructMeta, build_rtstruct
 from dmg_node.segment.routing import ModelSet, Routable
 from dmg_node.storage.spool import Spool
 from dmg_node.volume import Volume, build_volume
+from dmg_node.web import metrics
 
 log = structlog.get_logger(__name__)
 
@@ -134,6 +135,7 @@ def contour_series(datasets: list[Dataset], label: Label, models: ModelSet, rt: 
     model = models.for_volume(volume)
     t0 = time.perf_counter()
     mask = model.predict(volume).astype(bool)
+    metrics.SEGMENT_SECONDS.labels(label.value, model.name).observe(time.perf_counter() - t0)
     voxels = int(np.count_nonzero(mask))
     log.info("series_segmented", label=label.value, series_uid=series_uid, model=model.name,
              model_version=model.version, voxels=voxels, duration_ms=round((time.perf_counter() - t0) * 1000))

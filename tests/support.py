@@ -169,6 +169,7 @@ def node_config(workdir: Path, port: int, **sections: dict[str, Any]) -> Path:
         "outbox": {"poll_seconds": 0.2, "retry_initial_seconds": 0.5, "retry_max_seconds": 2.0},
         "models": {"dir": str(workdir / "no-models")},
         "logging": {"level": "info", "format": "json"},
+        "web": {"enabled": False},  # a test that wants the status page sets enabled and a free port
     }
     destinations = sections.pop("destinations", [])
     for key, values in sections.items():

@@ -22,6 +22,7 @@ def _settings(tmp_path: Path) -> config.Settings:
         "storage": {"root": str(tmp_path / "spool"), "min_free_mb": 0},
         "assembly": {"quiet_seconds": 0, "poll_seconds": 0.05},
         "models": {"dir": str(tmp_path / "models")},
+        "web": {"enabled": False},
     })
 
 

@@ -43,6 +43,7 @@ from dmg_node.net.part10 import file_header, header_values
 from dmg_node.net.tuning import tune_connection
 from dmg_node.records import instance_record
 from dmg_node.storage.spool import Spool
+from dmg_node.web import metrics
 
 log = structlog.get_logger(__name__)
 
@@ -212,11 +213,13 @@ class Receiver:
         calling = event.assoc.requestor.ae_title
         with self._stats_lock:
             self._stats[id(event.assoc)] = _AssocStats(calling_aet=calling, peer=self._peer(event))
+        metrics.ASSOCIATIONS.labels("accepted").inc()
         log.info("association_accepted", calling_aet=calling, called_aet=self._called(event), peer=self._peer(event))
 
     def _on_rejected(self, event: Event) -> None:
         assoc = event.assoc
         self.ae.release_slot(assoc)
+        metrics.ASSOCIATIONS.labels("rejected").inc()
         calling = assoc.requestor.ae_title
         called = self._called(event)
         allowed = [a.strip() for a in self.ae.require_calling_aet]
@@ -257,6 +260,8 @@ class Receiver:
     def _on_store(self, event: Event) -> int:
         status = self._store(event)
         self._count(event, status == StoreStatus.SUCCESS)
+        if status != StoreStatus.SUCCESS:
+            metrics.STORE_FAILURES.labels(status.name.lower()).inc()
         return status
 
     def _store(self, event: Event) -> StoreStatus:
@@ -310,6 +315,7 @@ class Receiver:
                      kept="first" if not outcome.stored else "later", **fields)
         if outcome.reopened:
             log.info("late_instance", late_policy=self.settings.assembly.late_policy, **fields)
+        metrics.stored(len(data), time.perf_counter() - t0)
         log.info("instance_stored", status="0x0000", size=len(data),
                  duration_ms=round((time.perf_counter() - t0) * 1000, 2), **fields)
         return StoreStatus.SUCCESS

@@ -528,3 +528,15 @@ class Spool:
 
     def instance_count(self) -> int:
         return int(self._query("SELECT COUNT(*) FROM instances")[0][0])
+
+    def state_counts(self) -> dict[str, dict[str, int]]:
+        """Jobs by state and outbox items by ``destination/state`` (the status page and metrics)."""
+        jobs = {str(s): int(n) for s, n in self._query("SELECT state, COUNT(*) FROM jobs GROUP BY state")}
+        outbox = {f"{d}/{s}": int(n) for d, s, n in self._query(
+            "SELECT destination, state, COUNT(*) FROM outbox GROUP BY destination, state")}
+        return {"jobs": jobs, "outbox": outbox}
+
+    def outbox_source(self, item_id: int) -> tuple[Path, str, str] | None:
+        """An outbox item's RTSTRUCT file, study and source series UIDs (None if no such item)."""
+        rows = self._query("SELECT path, study_instance_uid, source_series_uid FROM outbox WHERE id = ?", (item_id,))
+        return (self.root / rows[0][0], str(rows[0][1]), str(rows[0][2])) if rows else None
