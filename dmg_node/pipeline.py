@@ -29,7 +29,7 @@ from dmg_node.rtstruct import RoiSpec, RtStructMeta, build_rtstruct
 from dmg_node.segment.routing import ModelSet, Routable
 from dmg_node.storage.spool import Spool
 from dmg_node.volume import Volume, build_volume
-from dmg_node.web import metrics
+from dmg_node import metrics
 
 log = structlog.get_logger(__name__)
 

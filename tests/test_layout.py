@@ -11,15 +11,15 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "dmg_node"
 
 # Stages in data-flow order; a module may import its own stage, earlier stages and the base.
-BASE = {"errors", "logs", "fsutil", "config", "records", "dicomfiles", "watch", "classify.rules", "classify.patterns"}
+BASE = {"errors", "logs", "metrics", "fsutil", "config", "records", "dicomfiles", "watch", "classify.rules", "classify.patterns"}
 # storage comes first: the SCP (net) writes into it and the outbox worker (net) reads from it.
-ORDER = ["storage", "net", "assemble", "volume", "classify", "segment", "rtstruct", "pipeline", "node"]
+ORDER = ["storage", "net", "assemble", "volume", "classify", "segment", "rtstruct", "pipeline", "web", "node"]
 # Not part of the running node: they may import anything (and nothing above may import them).
 OFFLINE = {"training", "phantoms", "demo", "cli"}
 
 
 def _stage(module: str) -> str:
-    if module in BASE or module.split(".")[0] in {"errors", "logs", "fsutil", "config", "records", "dicomfiles", "watch"}:
+    if module in BASE or module.split(".")[0] in {"errors", "logs", "metrics", "fsutil", "config", "records", "dicomfiles", "watch"}:
         return "base"
     return module.split(".")[0]
 

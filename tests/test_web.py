@@ -30,7 +30,7 @@ from dmg_node.records import JobState, OutboxState, instance_record
 from dmg_node.rtstruct import RoiSpec, RtStructMeta, build_rtstruct
 from dmg_node.storage.spool import Spool
 from dmg_node.volume import build_volume
-from dmg_node.web import metrics
+from dmg_node import metrics
 from dmg_node.web.app import Sources, build_app
 from dmg_node.web.render import overlay, pick_slices, png_rgb
 from tests.support import DCMTK, LOCALHOST, dcmtk_env, free_port, mr_dataset, running_node

@@ -43,7 +43,7 @@ from dmg_node.net.part10 import file_header, header_values
 from dmg_node.net.tuning import tune_connection
 from dmg_node.records import instance_record
 from dmg_node.storage.spool import Spool
-from dmg_node.web import metrics
+from dmg_node import metrics
 
 log = structlog.get_logger(__name__)
 

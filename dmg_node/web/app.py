@@ -26,7 +26,7 @@ from starlette.routing import Route
 
 from dmg_node import __version__
 from dmg_node.errors import DmgNodeError
-from dmg_node.web import metrics
+from dmg_node import metrics
 from dmg_node.web.page import render_page
 from dmg_node.web.render import overlay_png_from_files
 
