@@ -81,9 +81,14 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from dmg_node.node import STATUS_FILE
-    from dmg_node.storage.spool import Spool
+    from dmg_node.segment.registry import sequences_without_model_files
+    from dmg_node.storage.spool import INDEX_FILE, Spool
 
     settings = _settings(args)
+    if not (settings.storage.root / INDEX_FILE).is_file():  # opening it would create an empty spool
+        print(f"no spool at {settings.storage.root} (storage.root in {settings.source}): no {INDEX_FILE} there; "
+              "check --config, or start the node once", file=sys.stderr)
+        return EXIT_FAILURE
     spool = Spool(settings.storage.root, fsync=False)
     try:
         studies, jobs, outbox = spool.summary(), spool.jobs(), spool.outbox()
@@ -95,7 +100,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         live = json.loads(live_path.read_text())
         if time.time() - float(live.get("updated_at", 0)) > 10:
             live["stale"] = True  # the node is not running (or hung): figures are from its last beat
-    report = {"node": live, "studies": studies, "jobs": jobs, "outbox": outbox}
+    if live is not None and not live.get("stale") and "models_missing" in live:
+        missing = list(live["models_missing"])  # what the running node could load
+    else:
+        missing = sequences_without_model_files(settings)
+    warnings = [f"no usable model for {seq} (configured: {', '.join(getattr(settings.models, seq))} under "
+                f"{settings.models.dir}): {seq} series get no contour" for seq in missing]
+    report = {"node": live, "warnings": warnings, "models_missing": missing, "studies": studies, "jobs": jobs,
+              "outbox": outbox}
     if args.json:
         print(json.dumps(report, indent=2, default=str))
         return EXIT_OK
@@ -117,6 +129,7 @@ def _format_status(report: dict[str, Any], settings: config.Settings) -> str:
                 for x in members) + f" on {m['device']}")
     else:
         lines.append(f"node not running (spool {settings.storage.root})")
+    lines += [f"WARNING: {w}" for w in report.get("warnings", [])]
     states: dict[str, int] = {}
     for s in report["studies"]:
         states[s["state"]] = states.get(s["state"], 0) + 1

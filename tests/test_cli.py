@@ -92,3 +92,43 @@ def test_status_lists_each_sequences_models_in_order() -> None:
     text = _format_status({"node": node, "studies": [], "outbox": []}, config.from_dict({}))
     assert "model t2: demo-t2-3d 0.1.0 (series <= 2 mm), then demo-t2 0.2.0 on cpu/onnx" in text
     assert "model flair: demo-flair 0.1.0 on cpu/onnx" in text  # a status file written before model lists
+
+
+def test_status_on_a_folder_without_spool_says_so_and_creates_nothing(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """`status` pointed at a wrong spool path exits 1 saying there is no spool there, and leaves no spool behind."""
+    from tests.support import node_config
+
+    cfg = node_config(tmp_path, 11112)
+    assert main(["status", "--config", str(cfg)]) == 1
+    assert f"no spool at {tmp_path / 'spool'}" in capsys.readouterr().err
+    assert not (tmp_path / "spool").exists()
+
+
+def test_status_warns_about_a_sequence_without_a_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A configured sequence whose model folder is missing is a WARNING in `status` and in `status --json`."""
+    from dmg_node.storage.spool import Spool
+    from tests.support import node_config
+
+    root = Path(__file__).resolve().parent.parent / "models"
+    cfg = node_config(tmp_path, 11112, models={"dir": str(root), "t1c": "no-such-model"})
+    Spool(tmp_path / "spool").close()
+    assert main(["status", "--config", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "WARNING: no usable model for t1c (configured: no-such-model" in out
+    assert "for t2" not in out and "for flair" not in out
+    assert main(["status", "--config", str(cfg), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["models_missing"] == ["t1c"] and len(report["warnings"]) == 1
+
+
+def test_echo_to_a_closed_port_says_connection_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`echo` to a port where nothing listens says "connection refused" (not "association aborted") and exits 1."""
+    from tests.support import LOCALHOST, free_port, node_config
+
+    cfg = node_config(tmp_path, 11112, destinations=[{"name": "tps", "ae_title": "TPS", "host": LOCALHOST,
+                                                      "port": free_port()}])
+    assert main(["echo", "--config", str(cfg), "--timeout", "5"]) == 1
+    out = capsys.readouterr().out
+    assert "C-ECHO FAILED status=no-association" in out and "connection refused" in out
+    assert "association aborted" not in out
