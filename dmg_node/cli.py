@@ -168,8 +168,8 @@ def cmd_classify(args: argparse.Namespace) -> int:
         result = classify(header, rules)
         rows.append({"series_instance_uid": uid, "label": result.label.value, "reason": result.reason,
                      "series_description": header.series_description or "", "instances": len(paths)})
-    if args.json:
-        print(json.dumps([{k: r[k] for k in ("series_instance_uid", "label", "reason")} for r in rows], indent=2))
+    if args.json:  # the same fields as the table
+        print(json.dumps(rows, indent=2))
     else:
         print(f"{'label':6} {'inst':>5}  {'description':30}  series / reason")
         for r in rows:
@@ -236,6 +236,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from dmg_node.segment.registry import load_model
 
     settings = _settings(args)
+    if not args.verbose:  # stdout is for the result; only warnings (readable, on stderr) unless -v
+        logs.configure("warning", "console", settings.logging.include_phi, stream=sys.stderr)
     series = find_series(Path(args.series_dir))
     if len(series) != 1:
         print(f"{args.series_dir} must hold exactly one series; found {len(series)}"

@@ -12,17 +12,20 @@ from tests.support import write_series
 
 
 def test_classify_json_lists_every_series(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """`classify PATH --json` prints one {series_instance_uid, label, reason} per series found."""
+    """`classify PATH --json` prints one row per series found, with the table's fields (description, instances)."""
     t2 = write_series(tmp_path / "t2", 3, description="T2 TSE AX")
     loc = write_series(tmp_path / "loc", 3, description="AAHead_Scout")
     (tmp_path / "notes.txt").write_text("not DICOM")
     assert main(["classify", str(tmp_path), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert {tuple(sorted(r)) for r in rows} == {("label", "reason", "series_instance_uid")}
+    assert {tuple(sorted(r)) for r in rows} == {("instances", "label", "reason", "series_description",
+                                                  "series_instance_uid")}
     from pydicom import dcmread
 
     by_uid = {r["series_instance_uid"]: r for r in rows}
     assert by_uid[dcmread(t2[0]).SeriesInstanceUID]["label"] == "t2"
+    assert by_uid[dcmread(t2[0]).SeriesInstanceUID]["series_description"] == "T2 TSE AX"
+    assert by_uid[dcmread(t2[0]).SeriesInstanceUID]["instances"] == 3
     assert by_uid[dcmread(loc[0]).SeriesInstanceUID]["label"] == "none"
 
 
@@ -60,10 +63,18 @@ def test_segment_writes_a_valid_rtstruct_offline(tmp_path: Path, capsys: pytest.
     cfg = node_config(tmp_path, 11112, models={"dir": str(Path(__file__).resolve().parent.parent / "models")})
     out = tmp_path / "rt.dcm"
     assert main(["segment", str(study.study_dir / t2.folder), "--out", str(out), "--config", str(cfg)]) == 0
-    assert "t2" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "t2" in printed.out
+    assert "{" not in printed.out + printed.err  # human output; no JSON log lines mixed in (issue 21)
     r = subprocess.run([require_tool("dciodvfy"), str(out)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     rt = dcmread(out)
+    # its own series, named after the sequence and the model, in the sequence's colour (issue 21)
+    source_number = int(dcmread(next((study.study_dir / t2.folder).glob("*.dcm"))).SeriesNumber)
+    assert rt.SeriesNumber == 9002 != source_number
+    assert rt.StructureSetLabel == "DMG_AI T2"
+    assert rt.SeriesDescription.startswith("AI DMG contour T2 demo-t2") and rt.SeriesDescription.endswith("UNAPPROVED")
+    assert list(rt.ROIContourSequence[0].ROIDisplayColor) == [255, 255, 0]
     volume = build_volume(read_datasets(sorted((study.study_dir / t2.folder).glob("*.dcm"))))
     mask = read_roi_mask(rt, volume, "GTV_DMG_AI_T2")
     truth = np.load(study.study_dir / t2.truth).astype(bool)

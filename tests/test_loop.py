@@ -84,6 +84,7 @@ def test_orthanc_to_node_to_tps(tmp_path: Path, study: StudyManifest) -> None:
     assert len(received) == len(routed)
     by_series = {s.series_instance_uid: s for s in study.series}
     seen = set()
+    numbers: set[int] = set()
     for path in received:
         r = subprocess.run([require_tool("dciodvfy"), str(path)], capture_output=True, text=True, timeout=60)
         assert r.returncode == 0 and "Error" not in r.stderr, r.stderr
@@ -93,6 +94,8 @@ def test_orthanc_to_node_to_tps(tmp_path: Path, study: StudyManifest) -> None:
         ref = rt.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]
         series = by_series[ref.SeriesInstanceUID]
         seen.add(series.sequence)
+        assert rt.StructureSetLabel == f"DMG_AI {series.sequence.upper()}"
+        numbers.add(int(rt.SeriesNumber))
         source = read_datasets(sorted((study.study_dir / series.folder).glob("*.dcm")))
         volume = build_volume(source)
         referenced = {c.ReferencedSOPInstanceUID for c in ref.ContourImageSequence}
@@ -105,6 +108,7 @@ def test_orthanc_to_node_to_tps(tmp_path: Path, study: StudyManifest) -> None:
         dice = 2 * float((mask & truth).sum()) / float(mask.sum() + truth.sum())
         assert dice >= LOOP_DICE[series.sequence], f"{series.sequence}: Dice {dice:.3f}"
     assert seen == set(routed)
+    assert len(numbers) == len(routed)  # one Series Number per sequence's RTSTRUCT
     events = [e["event"] for e in node.events()]
     assert events.count("job_done") == 1 and events.count("rtstruct_sent") == len(routed)
 
