@@ -45,6 +45,7 @@ def test_unknown_command_is_usage_error() -> None:
     assert info.value.code == 2
 
 
+@pytest.mark.slow
 def test_segment_writes_a_valid_rtstruct_offline(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`segment SERIES_DIR --out RT.dcm` classifies, segments with the demo model and writes a valid RTSTRUCT."""
     import subprocess
