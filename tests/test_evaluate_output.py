@@ -37,7 +37,8 @@ def _rows(out: str) -> list[list[str]]:
 def test_against_reference_rtstructs_and_phantom_truth(segmented: tuple[StudyManifest, Path, Path], tmp_path: Path,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
     """The node's T2 RTSTRUCT is compared with the reference RTSTRUCT on its series, and with the phantom's
-    truth when the study was written without --rtstruct; both give the evaluate table with a real Dice."""
+    truth when the study was written without --rtstruct, or with a NIfTI mask on the series grid; each gives
+    the evaluate table with the same Dice."""
     study, sent, cfg = segmented
     capsys.readouterr()
     assert main(["evaluate-output", "--rtstructs", str(sent), "--reference", str(study.study_dir),
@@ -50,6 +51,23 @@ def test_against_reference_rtstructs_and_phantom_truth(segmented: tuple[StudyMan
     # the same study without its reference RTSTRUCTs: the phantom's manifest.json truth is the reference
     bare = tmp_path / "bare"
     shutil.copytree(study.study_dir, bare, ignore=lambda _d, names: [n for n in names if "rtstruct" in n.lower()])
+    assert main(["evaluate-output", "--rtstructs", str(sent), "--reference", str(bare), "--config", str(cfg)]) == 0
+    [row] = _rows(capsys.readouterr().out)
+    assert abs(float(row[2]) - with_rtstruct) < 0.05
+    # neither: a NIfTI mask named after the series, on its grid (LPS -> RAS, array (k, j, i) -> (i, j, k))
+    import nibabel as nib
+    import numpy as np
+
+    from dmg_node.dicomfiles import read_datasets
+    from dmg_node.volume import build_volume
+
+    (bare / "manifest.json").unlink()
+    t2 = next(s for s in study.series if s.sequence == "t2")
+    volume = build_volume(read_datasets(sorted((bare / t2.folder).glob("*.dcm"))))
+    truth = np.load(study.study_dir / t2.truth).astype(np.uint8)
+    lps_to_ras = np.diag([-1.0, -1.0, 1.0, 1.0])
+    nib.save(nib.Nifti1Image(truth.transpose(2, 1, 0), lps_to_ras @ volume.affine),
+             str(bare / f"{t2.series_instance_uid}.nii.gz"))
     assert main(["evaluate-output", "--rtstructs", str(sent), "--reference", str(bare), "--config", str(cfg)]) == 0
     [row] = _rows(capsys.readouterr().out)
     assert abs(float(row[2]) - with_rtstruct) < 0.05
