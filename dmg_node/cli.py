@@ -83,9 +83,14 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from dmg_node.node import STATUS_FILE
-    from dmg_node.storage.spool import Spool
+    from dmg_node.segment.registry import sequences_without_model_files
+    from dmg_node.storage.spool import INDEX_FILE, Spool
 
     settings = _settings(args)
+    if not (settings.storage.root / INDEX_FILE).is_file():  # opening it would create an empty spool
+        print(f"no spool at {settings.storage.root} (storage.root in {settings.source}): no {INDEX_FILE} there; "
+              "check --config, or start the node once", file=sys.stderr)
+        return EXIT_FAILURE
     spool = Spool(settings.storage.root, fsync=False)
     try:
         studies, jobs, outbox = spool.summary(), spool.jobs(), spool.outbox()
@@ -97,7 +102,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         live = json.loads(live_path.read_text())
         if time.time() - float(live.get("updated_at", 0)) > 10:
             live["stale"] = True  # the node is not running (or hung): figures are from its last beat
-    report = {"node": live, "studies": studies, "jobs": jobs, "outbox": outbox}
+    if live is not None and not live.get("stale") and "models_missing" in live:
+        missing = list(live["models_missing"])  # what the running node could load
+    else:
+        missing = sequences_without_model_files(settings)
+    warnings = [f"no usable model for {seq} (configured: {', '.join(getattr(settings.models, seq))} under "
+                f"{settings.models.dir}): {seq} series get no contour" for seq in missing]
+    report = {"node": live, "warnings": warnings, "models_missing": missing, "studies": studies, "jobs": jobs,
+              "outbox": outbox}
     if args.json:
         print(json.dumps(report, indent=2, default=str))
         return EXIT_OK
@@ -119,6 +131,7 @@ def _format_status(report: dict[str, Any], settings: config.Settings) -> str:
                 for x in members) + f" on {m['device']}")
     else:
         lines.append(f"node not running (spool {settings.storage.root})")
+    lines += [f"WARNING: {w}" for w in report.get("warnings", [])]
     states: dict[str, int] = {}
     for s in report["studies"]:
         states[s["state"]] = states.get(s["state"], 0) + 1
@@ -157,8 +170,8 @@ def cmd_classify(args: argparse.Namespace) -> int:
         result = classify(header, rules)
         rows.append({"series_instance_uid": uid, "label": result.label.value, "reason": result.reason,
                      "series_description": header.series_description or "", "instances": len(paths)})
-    if args.json:
-        print(json.dumps([{k: r[k] for k in ("series_instance_uid", "label", "reason")} for r in rows], indent=2))
+    if args.json:  # the same fields as the table
+        print(json.dumps(rows, indent=2))
     else:
         print(f"{'label':6} {'inst':>5}  {'description':30}  series / reason")
         for r in rows:
@@ -202,16 +215,46 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from dmg_node.training.evaluate import evaluate
 
     logs.configure("info", "console", stream=sys.stderr)
-    report_dir = Path(args.report) if args.report else Path(args.model) / "evaluation"
+    # a folder of its own, never inside the model folder (untracked files in the repository)
+    report_dir = (Path(args.report) if args.report else
+                  Path("evaluation") / f"{Path(args.model).resolve().name}-{time.strftime('%Y%m%d-%H%M%S')}")
     result = evaluate(Path(args.model), Path(args.data), report_dir, device=args.device, grow=not args.no_grow,
                       rules=config.load(args.config).rules)
+    _print_metrics(result.cases, {"": result.summary})
+    print(f"report with overlays: {report_dir / 'report.md'}")
+    return EXIT_OK
+
+
+def _print_metrics(cases: Sequence[Any], summaries: dict[str, dict[str, dict[str, float]]]) -> None:
+    """The metrics table of `evaluate` and `evaluate-output`: one row per case, then medians (per sequence)."""
     print(f"{'case':24} {'Dice':>6} {'HD95 mm':>8} {'ref ml':>7} {'model ml':>8} {'vol err %':>9}")
-    for r in result.cases:
+    for r in cases:
         print(f"{r.case_id:24} {r.dice:6.3f} {r.hd95_mm:8.1f} {r.reference_ml:7.1f} {r.predicted_ml:8.1f} "
               f"{r.volume_error_pct:9.1f}")
-    for name, s in result.summary.items():
-        print(f"{name}: median {s['median']:.3f} (IQR {s['q1']:.3f}-{s['q3']:.3f}, n={int(s['n'])})")
-    print(f"report with overlays: {report_dir / 'report.md'}")
+    for group, summary in summaries.items():
+        for name, s in summary.items():
+            print(f"{group + ' ' if group else ''}{name}: median {s['median']:.3f} "
+                  f"(IQR {s['q1']:.3f}-{s['q3']:.3f}, n={int(s['n'])})")
+
+
+def cmd_evaluate_output(args: argparse.Namespace) -> int:
+    from dmg_node.training.data import DEFAULT_ROI_PATTERN
+    from dmg_node.training.evaluate_output import evaluate_output
+
+    settings = _settings(args)
+    if not args.verbose:
+        logs.configure("warning", "console", settings.logging.include_phi, stream=sys.stderr)
+    for path in (Path(args.rtstructs), Path(args.reference)):
+        if not path.exists():
+            print(f"no such file or folder: {path}", file=sys.stderr)
+            return EXIT_FAILURE
+    roi_names = {settings.rtstruct.roi_name(seq): seq for seq in config.SEQUENCES}
+    result = evaluate_output(Path(args.rtstructs), Path(args.reference), roi_names,
+                             roi_pattern=args.roi or DEFAULT_ROI_PATTERN)
+    _print_metrics([c.result for c in result.cases], result.summary)
+    for line in result.unmatched:
+        print(f"not compared: {line}", file=sys.stderr)
+    print("Phantom or research figures only: they say nothing about clinical accuracy.")
     return EXIT_OK
 
 
@@ -225,6 +268,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from dmg_node.segment.registry import load_model
 
     settings = _settings(args)
+    if not args.verbose:  # stdout is for the result; only warnings (readable, on stderr) unless -v
+        logs.configure("warning", "console", settings.logging.include_phi, stream=sys.stderr)
     series = find_series(Path(args.series_dir))
     if len(series) != 1:
         print(f"{args.series_dir} must hold exactly one series; found {len(series)}"
@@ -330,11 +375,19 @@ def build_parser() -> argparse.ArgumentParser:
     s = with_config(sub.add_parser("evaluate", help="Dice, HD95 and volume error of a model on labelled cases"))
     s.add_argument("--model", required=True)
     s.add_argument("--data", required=True)
-    s.add_argument("--report", help="report folder (default: MODEL/evaluation)")
+    s.add_argument("--report", help="report folder (default: ./evaluation/MODELNAME-YYYYmmdd-HHMMSS)")
     s.add_argument("--device", default="auto")
     s.add_argument("--no-grow", action="store_true",
                    help="leave out the manifest's intensity-guided growth of the mask (to compare)")
     s.set_defaults(func=cmd_evaluate)
+    s = with_config(sub.add_parser("evaluate-output", help=(
+        "Dice, HD95 and volume error of the RTSTRUCTs the node sent, against references on the same series")))
+    s.add_argument("--rtstructs", required=True, help="folder of the node's RTSTRUCTs, or its spool (the outbox)")
+    s.add_argument("--reference", required=True, help=(
+        "folder with the series' DICOM files and reference RTSTRUCTs, a phantom study (manifest.json truth) "
+        "or NIfTI masks on the series grid"))
+    s.add_argument("--roi", help="reference ROI names to use (Python re.search; default: GTV, tumour or DMG)")
+    s.set_defaults(func=cmd_evaluate_output)
     s = with_config(sub.add_parser("segment", help="classify, segment and write an RTSTRUCT for one series, offline"))
     s.add_argument("series_dir")
     s.add_argument("--out", required=True, help="RTSTRUCT file to write")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import os
 import re
 import tomllib
 import types
@@ -25,6 +26,9 @@ from dmg_node.classify.rules import Rules, compile_rules
 from dmg_node.errors import ConfigError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "node.toml"
+# A path key left out of a config file takes the shipped default, which is relative to the
+# checkout (the shipped config/node.toml spells it "../spool", "../models").
+DEFAULTS_ROOT = DEFAULT_CONFIG.parent.parent
 
 # DICOM PS3.5 6.2: an AE title is 1-16 characters of the default repertoire, no backslash and
 # no control characters; leading/trailing spaces are not significant.
@@ -105,7 +109,7 @@ class NodeSettings:
 
 @dataclass(frozen=True)
 class StorageSettings:
-    root: Path = Path("spool")
+    root: Path = Path("spool")  # left out of a file: DEFAULTS_ROOT / "spool"
     duplicate_policy: DuplicatePolicy = DuplicatePolicy.REPLACE
     min_free_mb: int = 1024
     fsync: bool = True
@@ -146,7 +150,7 @@ class Destination:
 
 @dataclass(frozen=True)
 class ModelsSettings:
-    dir: Path = Path("models")
+    dir: Path = Path("models")  # left out of a file: DEFAULTS_ROOT / "models"
     device: Device = field(default_factory=Device)
     # Model folder names per sequence, in order of preference: a series goes to the first whose
     # manifest admits its voxel spacing (dmg_node.segment.routing). TOML takes a string or an array.
@@ -169,12 +173,29 @@ class RtStructSettings:
     roi_name_t1c: str = "GTV_DMG_AI_T1C"
     roi_name_t2: str = "GTV_DMG_AI_T2"
     roi_name_flair: str = "GTV_DMG_AI_FLAIR"
-    color: tuple[int, ...] = (255, 0, 0)
+    color_t1c: tuple[int, ...] = (255, 0, 0)
+    color_t2: tuple[int, ...] = (255, 255, 0)
+    color_flair: tuple[int, ...] = (0, 255, 255)
     send_empty: bool = False
     min_volume_mm3: float = 100.0
+    series_number_base: int = 9000
 
     def roi_name(self, sequence: str) -> str:
         return str(getattr(self, f"roi_name_{sequence}"))
+
+    def color(self, sequence: str) -> tuple[int, int, int]:
+        """The ROI Display Colour (3006,002A) of one sequence's structure, RGB 0-255."""
+        r, g, b = getattr(self, f"color_{sequence}")
+        return int(r), int(g), int(b)
+
+    def series_number(self, sequence: str, source_series_number: int | None) -> int:
+        """Series Number (0020,0011) of one sequence's RTSTRUCT: ``series_number_base`` + 1, 2, 3.
+
+        T1C, T2 and FLAIR each get their own number, so a planner's series list tells them apart; a
+        number equal to the source series' own is moved up by 10 (the two must never be confused).
+        """
+        number = self.series_number_base + 1 + SEQUENCES.index(sequence)
+        return number + 10 if number == source_series_number else number
 
 
 @dataclass(frozen=True)
@@ -272,7 +293,10 @@ _RANGES: dict[str, tuple[float, float]] = {
     "outbox.give_up_hours": (0, 8760),
     "outbox.timeout_seconds": (0.1, 3600),
     "outbox.poll_seconds": (0.01, 3600),
-    "rtstruct.color": (0, 255),
+    "rtstruct.color_t1c": (0, 255),
+    "rtstruct.color_t2": (0, 255),
+    "rtstruct.color_flair": (0, 255),
+    "rtstruct.series_number_base": (1, 2**31 - 100),
     "rtstruct.min_volume_mm3": (0, 10**7),
     "storage.retention_days": (0, 36500),
     "import.settle_seconds": (0, 3600),
@@ -297,7 +321,10 @@ def load(path: Path | str | None = None) -> Settings:
     Returns
     -------
     Settings
-        Frozen settings. Relative paths are resolved against the current directory.
+        Frozen settings. A relative path in the file (``storage.root``, ``models.dir``,
+        ``import.dir``, ``tls.*``) is resolved against the folder holding the file, never the
+        current directory; a path key left out takes the shipped default (the checkout's
+        ``spool`` and ``models``).
 
     Raises
     ------
@@ -321,7 +348,12 @@ def load(path: Path | str | None = None) -> Settings:
 def from_dict(raw: dict[str, Any], source: Path | None = None) -> Settings:
     """Validate an already-parsed TOML table (see :func:`load`)."""
     where = str(source) if source is not None else "<config>"
+    rt = raw.get("rtstruct")
+    if isinstance(rt, dict) and "color" in rt:
+        raise ConfigError(f"{where}: 'rtstruct.color' was replaced by one colour per sequence: set "
+                          f"rtstruct.color_t1c, color_t2 and color_flair instead (found color = {rt['color']!r})")
     settings: Settings = _build(Settings, raw, "", where, skip={"source", "rules"})
+    settings = _resolve_paths(settings, raw, source)
     _check_cross_rules(settings, where)
     try:
         rules = compile_rules(settings.classify.overrides())
@@ -423,8 +455,10 @@ def _check_cross_rules(settings: Settings, where: str) -> None:
                 raise ConfigError(f"{where}: {key!r} must name a PEM file when tls.enabled is true")
             if not Path(value).is_file():
                 raise ConfigError(f"{where}: {key!r} names {value!r}, which is not a readable file")
-    if len(settings.rtstruct.color) != 3:
-        raise ConfigError(f"{where}: 'rtstruct.color' must be three integers [R, G, B]; found {list(settings.rtstruct.color)}")
+    for seq in SEQUENCES:
+        rgb = getattr(settings.rtstruct, f"color_{seq}")
+        if len(rgb) != 3:
+            raise ConfigError(f"{where}: 'rtstruct.color_{seq}' must be three integers [R, G, B]; found {list(rgb)}")
     for key, value in (("roi_name_t1c", settings.rtstruct.roi_name_t1c), ("roi_name_t2", settings.rtstruct.roi_name_t2),
                        ("roi_name_flair", settings.rtstruct.roi_name_flair)):
         if not 1 <= len(value) <= 64 or "\\" in value:
@@ -438,6 +472,34 @@ def _check_cross_rules(settings: Settings, where: str) -> None:
         if not folders or any(not f.strip() for f in folders):
             raise ConfigError(f"{where}: 'models.{seq}' must name one or more model folders under models.dir "
                               f"(a string or an array of non-empty strings); found {list(folders)}")
+
+
+# Path keys (section field, key): resolved by _resolve_paths.
+_PATH_KEYS = (("storage", "root"), ("models", "dir"), ("import_", "dir"), ("tls", "cert"), ("tls", "key"),
+              ("tls", "ca"))
+
+
+def _resolve_paths(settings: Settings, raw: dict[str, Any], source: Path | None) -> Settings:
+    """Relative paths in a file -> against the file's folder; left-out path keys -> :data:`DEFAULTS_ROOT`.
+
+    Resolving against the current directory made ``serve`` started from another folder look for
+    (and create) ``./spool`` and ``./models`` there, and then run with no model (issue 21).
+    Without a *source* (a dict built in code) paths given are kept as they are.
+    """
+    for section, key in _PATH_KEYS:
+        part = getattr(settings, section)
+        value = getattr(part, key)
+        if not str(value):
+            continue  # "" = not set (import.dir, tls files)
+        table = raw.get(_TOML_KEYS.get(section, section))
+        given = isinstance(table, dict) and key in table
+        base = (source.absolute().parent if source is not None else None) if given else DEFAULTS_ROOT
+        if base is None or Path(value).is_absolute():
+            continue
+        resolved = os.path.normpath(base / value)
+        part = dataclasses.replace(part, **{key: type(value)(resolved)})
+        settings = dataclasses.replace(settings, **{section: part})
+    return settings
 
 
 def _tname(value: Any) -> str:

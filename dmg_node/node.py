@@ -26,7 +26,7 @@ from dmg_node.net.outbox import OutboxWorker
 from dmg_node.net.scp import Receiver
 from dmg_node.pipeline import Pipeline
 from dmg_node.records import Job, JobState
-from dmg_node.segment.registry import ModelRegistry
+from dmg_node.segment.registry import ROUTED, ModelRegistry
 from dmg_node.segment.routing import ModelSet
 from dmg_node.storage import dropfolder
 from dmg_node.storage.spool import Spool
@@ -74,9 +74,14 @@ class Node:
         self._write_status()
         self._web = web_server.start(self.settings, self.spool, self.spool.root / STATUS_FILE,
                                      lambda: self.settings.logging.include_phi, logs.RECENT_WARNINGS.events)
+        missing = self._models_missing()
+        for label in missing:  # otherwise the node looks healthy and never sends anything (issue 21)
+            log.warning("sequence_without_model", sequence=label, model_dir=str(self.settings.models.dir),
+                        configured=list(getattr(self.settings.models, label)),
+                        effect="series of this sequence get no contour")
         log.info("node_started", version=__version__, ae_title=self.settings.node.ae_title, port=self.receiver.port,
                  destinations=[d.name for d in self.settings.destinations],
-                 models={k.value: m.name for k, m in self.models.models.items()})
+                 models={k.value: m.name for k, m in self.models.models.items()}, models_missing=missing)
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -150,7 +155,11 @@ class Node:
                 log.error("job_failed", error=error, attempt=job.attempts, final=failed)
             else:
                 self._finish(job, JobState.DONE, None)
-                log.info("job_done", rtstructs=len(outputs), duration_ms=round((time.perf_counter() - t0) * 1000))
+                ms = round((time.perf_counter() - t0) * 1000)
+                if self.pipeline.skipped:  # a routed series produced nothing: say which and why
+                    log.warning("job_done", rtstructs=len(outputs), duration_ms=ms, not_contoured=self.pipeline.skipped)
+                else:
+                    log.info("job_done", rtstructs=len(outputs), duration_ms=ms)
                 for w, _stop in self._outbox.values():
                     w.wake.set()
         finally:
@@ -271,6 +280,10 @@ class Node:
             removed = self.spool.delete_study(study_uid)
             log.info("study_deleted_by_retention", study_uid=study_uid, files=removed, retention_days=days)
 
+    def _models_missing(self) -> list[str]:
+        """Configured sequences with no usable model now."""
+        return [label.value for label in ROUTED if label not in self.models.models]
+
     def _write_status(self) -> None:
         """Publish live state for ``dmg-node status`` (a separate process reads it)."""
         models = self.models.models
@@ -280,6 +293,7 @@ class Node:
             "associations": self.receiver.active_associations(),
             "models": {k.value: {"name": m.name, "version": m.version, "device": str(m.device), "members": m.describe()}
                        for k, m in models.items()},
+            "models_missing": self._models_missing(),
         }
         try:
             atomic_write(self.spool.root / STATUS_FILE, json.dumps(state).encode(), sync=False)

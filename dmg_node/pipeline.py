@@ -50,6 +50,7 @@ class Pipeline:
     def __init__(self, settings: Settings, spool: Spool, models: dict[Label, ModelSet]) -> None:
         self.settings, self.spool, self.models = settings, spool, models
         self.rules = settings.rules
+        self.skipped: list[dict[str, str]] = []
 
     def configure(self, settings: Settings) -> None:
         """Use new settings (live reload) from the next series on."""
@@ -57,6 +58,7 @@ class Pipeline:
         self.rules = settings.rules
 
     def run(self, job: Job) -> list[SeriesOutput]:
+        self.skipped = []  # chosen series that produced no RTSTRUCT, and why
         files = self.spool.series_files(job.study_instance_uid)
         candidates = []
         for series_uid, paths in files.items():
@@ -86,6 +88,7 @@ class Pipeline:
         model = self.models.get(label)
         if model is None:
             log.warning("sequence_skipped_no_model", label=label.value, series_uid=series_uid)
+            self.skipped.append({"label": label.value, "series_uid": series_uid, "reason": "no usable model"})
             return None
         try:
             datasets = read_datasets(paths)
@@ -93,8 +96,11 @@ class Pipeline:
         except SeriesError as exc:
             self.spool.set_series_result(series_uid, label.value, f"rejected: {exc}")
             log.warning("series_rejected", label=label.value, series_uid=series_uid, reason=str(exc))
+            self.skipped.append({"label": label.value, "series_uid": series_uid, "reason": f"rejected: {exc}"[:300]})
             return None
         if result.dataset is None:
+            self.skipped.append({"label": label.value, "series_uid": series_uid,
+                                 "reason": "no tumour found (rtstruct.send_empty = false)"})
             return None
         buf = io.BytesIO()
         result.dataset.save_as(buf, enforce_file_format=True)
@@ -144,8 +150,8 @@ def contour_series(datasets: list[Dataset], label: Label, models: ModelSet, rt: 
         if not rt.send_empty:
             return Contour(None, 0, volume, mask, model)
     meta = RtStructMeta(sop_instance_uid=generate_uid(prefix=None), series_instance_uid=generate_uid(prefix=None),
-                        created=datetime.datetime.now().astimezone())
-    roi = RoiSpec(name=rt.roi_name(label.value), color=(rt.color[0], rt.color[1], rt.color[2]),
+                        created=datetime.datetime.now().astimezone(), **_series_identity(datasets, label, model, rt))
+    roi = RoiSpec(name=rt.roi_name(label.value), color=rt.color(label.value),
                   generation_description=f"{model.name} {model.version} (dmg-node {__version__})"[:64])
     try:
         ds = build_rtstruct(datasets, volume, mask, roi, meta, allow_empty=rt.send_empty)
@@ -153,3 +159,19 @@ def contour_series(datasets: list[Dataset], label: Label, models: ModelSet, rt: 
         log.error("rtstruct_failed", label=label.value, series_uid=series_uid, error=str(exc))
         raise
     return Contour(ds, voxels, volume, mask, model)
+
+
+def _series_identity(datasets: list[Dataset], label: Label, model: Routable, rt: RtStructSettings) -> dict[str, Any]:
+    """Series Number, Structure Set Label and Series Description of one sequence's RTSTRUCT (PS3.3 C.7.3.1, C.8.8.5).
+
+    Each sequence's RTSTRUCT of a study is its own series, named after the sequence and the model,
+    so the planner's list shows which is which (issue 21).
+    """
+    try:
+        source_number: int | None = int(datasets[0].get("SeriesNumber"))
+    except (TypeError, ValueError):
+        source_number = None
+    seq = label.value.upper()
+    return {"series_number": rt.series_number(label.value, source_number),
+            "structure_set_label": f"DMG_AI {seq}",
+            "series_description": f"AI DMG contour {seq} {model.name} {model.version} UNAPPROVED"}

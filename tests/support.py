@@ -192,15 +192,16 @@ def _toml(v: Any) -> str:
 
 
 @contextlib.contextmanager
-def running_node(workdir: Path, port: int | None = None, **sections: Any) -> Iterator[NodeProcess]:
-    """Start `dmg-node serve` on a free loopback port; always stopped on exit."""
+def running_node(workdir: Path, port: int | None = None, cwd: Path | None = None,
+                 **sections: Any) -> Iterator[NodeProcess]:
+    """Start `dmg-node serve` on a free loopback port (from *cwd*, default *workdir*); always stopped on exit."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     cfg = node_config(workdir, port, **sections)
     log_path = workdir / "node.log"
     with open(log_path, "wb") as logf:
         proc = subprocess.Popen([sys.executable, "-m", "dmg_node.cli", "serve", "--config", str(cfg)],
-                                stdout=logf, stderr=subprocess.STDOUT, cwd=workdir)
+                                stdout=logf, stderr=subprocess.STDOUT, cwd=cwd or workdir)
     node = NodeProcess(workdir, port, cfg, proc, log_path)
     try:
         node.wait_event("node_started", timeout=120)

@@ -12,17 +12,20 @@ from tests.support import write_series
 
 
 def test_classify_json_lists_every_series(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """`classify PATH --json` prints one {series_instance_uid, label, reason} per series found."""
+    """`classify PATH --json` prints one row per series found, with the table's fields (description, instances)."""
     t2 = write_series(tmp_path / "t2", 3, description="T2 TSE AX")
     loc = write_series(tmp_path / "loc", 3, description="AAHead_Scout")
     (tmp_path / "notes.txt").write_text("not DICOM")
     assert main(["classify", str(tmp_path), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert {tuple(sorted(r)) for r in rows} == {("label", "reason", "series_instance_uid")}
+    assert {tuple(sorted(r)) for r in rows} == {("instances", "label", "reason", "series_description",
+                                                  "series_instance_uid")}
     from pydicom import dcmread
 
     by_uid = {r["series_instance_uid"]: r for r in rows}
     assert by_uid[dcmread(t2[0]).SeriesInstanceUID]["label"] == "t2"
+    assert by_uid[dcmread(t2[0]).SeriesInstanceUID]["series_description"] == "T2 TSE AX"
+    assert by_uid[dcmread(t2[0]).SeriesInstanceUID]["instances"] == 3
     assert by_uid[dcmread(loc[0]).SeriesInstanceUID]["label"] == "none"
 
 
@@ -42,6 +45,7 @@ def test_unknown_command_is_usage_error() -> None:
     assert info.value.code == 2
 
 
+@pytest.mark.slow
 def test_segment_writes_a_valid_rtstruct_offline(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`segment SERIES_DIR --out RT.dcm` classifies, segments with the demo model and writes a valid RTSTRUCT."""
     import subprocess
@@ -60,10 +64,18 @@ def test_segment_writes_a_valid_rtstruct_offline(tmp_path: Path, capsys: pytest.
     cfg = node_config(tmp_path, 11112, models={"dir": str(Path(__file__).resolve().parent.parent / "models")})
     out = tmp_path / "rt.dcm"
     assert main(["segment", str(study.study_dir / t2.folder), "--out", str(out), "--config", str(cfg)]) == 0
-    assert "t2" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "t2" in printed.out
+    assert "{" not in printed.out + printed.err  # human output; no JSON log lines mixed in (issue 21)
     r = subprocess.run([require_tool("dciodvfy"), str(out)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     rt = dcmread(out)
+    # its own series, named after the sequence and the model, in the sequence's colour (issue 21)
+    source_number = int(dcmread(next((study.study_dir / t2.folder).glob("*.dcm"))).SeriesNumber)
+    assert rt.SeriesNumber == 9002 != source_number
+    assert rt.StructureSetLabel == "DMG_AI T2"
+    assert rt.SeriesDescription.startswith("AI DMG contour T2 demo-t2") and rt.SeriesDescription.endswith("UNAPPROVED")
+    assert list(rt.ROIContourSequence[0].ROIDisplayColor) == [255, 255, 0]
     volume = build_volume(read_datasets(sorted((study.study_dir / t2.folder).glob("*.dcm"))))
     mask = read_roi_mask(rt, volume, "GTV_DMG_AI_T2")
     truth = np.load(study.study_dir / t2.truth).astype(bool)
@@ -92,3 +104,43 @@ def test_status_lists_each_sequences_models_in_order() -> None:
     text = _format_status({"node": node, "studies": [], "outbox": []}, config.from_dict({}))
     assert "model t2: demo-t2-3d 0.1.0 (series <= 2 mm), then demo-t2 0.2.0 on cpu/onnx" in text
     assert "model flair: demo-flair 0.1.0 on cpu/onnx" in text  # a status file written before model lists
+
+
+def test_status_on_a_folder_without_spool_says_so_and_creates_nothing(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """`status` pointed at a wrong spool path exits 1 saying there is no spool there, and leaves no spool behind."""
+    from tests.support import node_config
+
+    cfg = node_config(tmp_path, 11112)
+    assert main(["status", "--config", str(cfg)]) == 1
+    assert f"no spool at {tmp_path / 'spool'}" in capsys.readouterr().err
+    assert not (tmp_path / "spool").exists()
+
+
+def test_status_warns_about_a_sequence_without_a_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A configured sequence whose model folder is missing is a WARNING in `status` and in `status --json`."""
+    from dmg_node.storage.spool import Spool
+    from tests.support import node_config
+
+    root = Path(__file__).resolve().parent.parent / "models"
+    cfg = node_config(tmp_path, 11112, models={"dir": str(root), "t1c": "no-such-model"})
+    Spool(tmp_path / "spool").close()
+    assert main(["status", "--config", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "WARNING: no usable model for t1c (configured: no-such-model" in out
+    assert "for t2" not in out and "for flair" not in out
+    assert main(["status", "--config", str(cfg), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["models_missing"] == ["t1c"] and len(report["warnings"]) == 1
+
+
+def test_echo_to_a_closed_port_says_connection_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`echo` to a port where nothing listens says "connection refused" (not "association aborted") and exits 1."""
+    from tests.support import LOCALHOST, free_port, node_config
+
+    cfg = node_config(tmp_path, 11112, destinations=[{"name": "tps", "ae_title": "TPS", "host": LOCALHOST,
+                                                      "port": free_port()}])
+    assert main(["echo", "--config", str(cfg), "--timeout", "5"]) == 1
+    out = capsys.readouterr().out
+    assert "C-ECHO FAILED status=no-association" in out and "connection refused" in out
+    assert "association aborted" not in out

@@ -70,7 +70,8 @@ def test_empty_file_gives_defaults(tmp_path: Path) -> None:
         ("[models]\nt2 = []\n", "'models.t2' must name one or more model folders"),
         ("[models]\nt1c = [\"a\", \" \"]\n", "'models.t1c' must name one or more model folders"),
         ("[models]\nflair = 3\n", "'models.flair' must be an array"),
-        ("[rtstruct]\ncolor = [255, 0]\n", "'rtstruct.color' must be three integers"),
+        ("[rtstruct]\ncolor_t2 = [255, 0]\n", "'rtstruct.color_t2' must be three integers"),
+        ("[rtstruct]\ncolor = [255, 0, 0]\n", "set rtstruct.color_t1c, color_t2 and color_flair instead"),
         ("[storage]\nfsync = \"yes\"\n", "'storage.fsync' must be true or false"),
         ("node = 5\n", "[node] must be a table"),
         ("[node\n", "not valid TOML"),
@@ -104,3 +105,77 @@ def test_cli_bad_config_exits_3_with_one_line(tmp_path: Path, capsys: pytest.Cap
     assert main(["serve", "--config", str(path)]) == EXIT_CONFIG
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "node.port" in err[0] and str(path) in err[0]
+
+
+def test_relative_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
+    """A relative path in a file is taken from the file's folder, not the current directory; a left-out
+    path key takes the shipped default (the checkout's spool and models)."""
+    (tmp_path / "etc").mkdir()
+    s = config.load(_write(tmp_path / "etc", '[storage]\nroot = "spool"\n[models]\ndir = "../models"\n'
+                                             '[import]\ndir = "drop"\n'))
+    assert s.storage.root == tmp_path / "etc" / "spool"
+    assert s.models.dir == tmp_path / "models"
+    assert s.import_.path == tmp_path / "etc" / "drop"
+    empty = config.load(_write(tmp_path, ""))
+    assert empty.storage.root == config.DEFAULTS_ROOT / "spool"
+    assert empty.models.dir == config.DEFAULTS_ROOT / "models"
+    assert config.load(_write(tmp_path, '[storage]\nroot = "/abs/spool"\n')).storage.root == Path("/abs/spool")
+
+
+def test_shipped_config_points_at_the_checkouts_models() -> None:
+    """The shipped config finds the demo models wherever dmg-node is started from."""
+    s = config.load()
+    assert s.models.dir == config.DEFAULTS_ROOT / "models"
+    assert s.storage.root == config.DEFAULTS_ROOT / "spool"
+    assert (s.models.dir / s.models.t2[0] / "manifest.json").is_file()
+
+
+def _schema_keys(cls: type, prefix: str = "") -> set[str]:
+    import dataclasses
+
+    keys: set[str] = set()
+    for f in dataclasses.fields(cls):
+        if f.name in ("source", "rules"):
+            continue
+        name = prefix + config._TOML_KEYS.get(f.name, f.name)
+        if f.name == "destinations":
+            keys |= _schema_keys(config.Destination, name + ".")
+        elif dataclasses.is_dataclass(f.type) or (isinstance(f.type, str) and f.type.endswith("Settings")):
+            import typing
+
+            keys |= _schema_keys(typing.get_type_hints(cls)[f.name], name + ".")
+        else:
+            keys.add(name)
+    return keys
+
+
+def _file_keys(raw: dict[str, object], prefix: str = "") -> set[str]:
+    keys: set[str] = set()
+    for k, v in raw.items():
+        if isinstance(v, dict):
+            keys |= _file_keys(v, f"{prefix}{k}.")
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            for item in v:
+                keys |= _file_keys(item, f"{prefix}{k}.")
+        else:
+            keys.add(prefix + k)
+    return keys
+
+
+def test_node_toml_and_the_schema_have_the_same_keys() -> None:
+    """config/node.toml, which says it documents every key, sets exactly the schema's keys (no more, no fewer)."""
+    import tomllib
+
+    in_file = _file_keys(tomllib.loads(config.DEFAULT_CONFIG.read_text()))
+    in_schema = _schema_keys(config.Settings)
+    assert in_schema - in_file == set(), "keys missing from config/node.toml"
+    assert in_file - in_schema == set(), "keys in config/node.toml the schema does not know"
+
+
+def test_rtstruct_series_numbers_differ_per_sequence_and_from_the_source() -> None:
+    """Each sequence's RTSTRUCT gets its own Series Number, never the source series' number."""
+    rt = config.from_dict({}).rtstruct
+    numbers = {seq: rt.series_number(seq, 3) for seq in config.SEQUENCES}
+    assert numbers == {"t1c": 9001, "t2": 9002, "flair": 9003}
+    assert rt.series_number("t2", 9002) == 9012
+    assert len({rt.color(seq) for seq in config.SEQUENCES}) == 3

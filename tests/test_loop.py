@@ -84,6 +84,7 @@ def test_orthanc_to_node_to_tps(tmp_path: Path, study: StudyManifest) -> None:
     assert len(received) == len(routed)
     by_series = {s.series_instance_uid: s for s in study.series}
     seen = set()
+    numbers: set[int] = set()
     for path in received:
         r = subprocess.run([require_tool("dciodvfy"), str(path)], capture_output=True, text=True, timeout=60)
         assert r.returncode == 0 and "Error" not in r.stderr, r.stderr
@@ -93,6 +94,8 @@ def test_orthanc_to_node_to_tps(tmp_path: Path, study: StudyManifest) -> None:
         ref = rt.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]
         series = by_series[ref.SeriesInstanceUID]
         seen.add(series.sequence)
+        assert rt.StructureSetLabel == f"DMG_AI {series.sequence.upper()}"
+        numbers.add(int(rt.SeriesNumber))
         source = read_datasets(sorted((study.study_dir / series.folder).glob("*.dcm")))
         volume = build_volume(source)
         referenced = {c.ReferencedSOPInstanceUID for c in ref.ContourImageSequence}
@@ -105,6 +108,7 @@ def test_orthanc_to_node_to_tps(tmp_path: Path, study: StudyManifest) -> None:
         dice = 2 * float((mask & truth).sum()) / float(mask.sum() + truth.sum())
         assert dice >= LOOP_DICE[series.sequence], f"{series.sequence}: Dice {dice:.3f}"
     assert seen == set(routed)
+    assert len(numbers) == len(routed)  # one Series Number per sequence's RTSTRUCT
     events = [e["event"] for e in node.events()]
     assert events.count("job_done") == 1 and events.count("rtstruct_sent") == len(routed)
 
@@ -155,22 +159,29 @@ def test_kill_9_during_segmentation_finishes_once_after_restart(tmp_path: Path, 
     from dmg_node.net.scu import store_files
 
     series = next(s for s in study.series if s.sequence == "t1c")  # the largest series: the longest job
-    sections = {"assembly": {"quiet_seconds": 0.5}, "models": {"dir": str(models_dir())}}
+    # Robust on a loaded machine (it once failed there with "Received unexpected C-STORE service
+    # message" and a DIMSE timeout): a quiet period longer than any gap in our own send, so the
+    # job (CPU-heavy) never starts while the series is still arriving, and DIMSE timeouts far
+    # above what a slow response takes, for our SCU and for the node's outbox. Waits are on events.
+    sections: dict[str, object] = {"assembly": {"quiet_seconds": 5}, "models": {"dir": str(models_dir())},
+                                   "node": {"dimse_timeout": 300, "network_timeout": 600},
+                                   "outbox": {"timeout_seconds": 300}}
     with running_storescp(tmp_path / "tps", "TPS", "+uf") as (_tps, tps_port):
         sections["destinations"] = [{"name": "tps", "ae_title": "TPS", "host": LOCALHOST, "port": tps_port}]
         with running_node(tmp_path / "node", **sections) as node:
             paths = sorted((study.study_dir / series.folder).glob("*.dcm"))
-            assert all(r.ok for r in store_files(paths, Destination("n", "DMG_NODE", LOCALHOST, node.port), "SCANNER"))
-            node.wait_event("job_started", timeout=60)
+            results = store_files(paths, Destination("n", "DMG_NODE", LOCALHOST, node.port), "SCANNER", timeout=300)
+            assert all(r.ok for r in results), [r for r in results if not r.ok][:3]
+            node.wait_event("job_started", timeout=300)
             node.proc.send_signal(signal.SIGKILL)
             node.proc.wait(30)
         assert not any(e["event"] == "rtstruct_sent" for e in node.events())
         with running_node(tmp_path / "node", **sections) as node2:
             reconciled = node2.wait_event("spool_reconciled")
             assert reconciled["jobs_requeued"] == 1
-            node2.wait_event("rtstruct_sent", timeout=300)
-            time.sleep(2)
-        received = list((tmp_path / "tps").glob("RS.*"))
+            node2.wait_event("rtstruct_sent", timeout=400)
+            received = _wait_files(tmp_path / "tps", 1, timeout=60, node=node2)
     assert len(received) == 1
+    assert len(list((tmp_path / "tps").glob("RS.*"))) == 1
     events = [e["event"] for e in node2.events()]
     assert events.count("job_done") == 1 and events.count("rtstruct_sent") == 1

@@ -6,6 +6,7 @@ import os
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from structlog.testing import capture_logs
 
@@ -39,6 +40,7 @@ def _settings(tmp_path: Path, t2: list[str]) -> config.Settings:
     })
 
 
+@pytest.mark.slow
 def test_the_configured_models_that_load_form_the_set_in_order(tmp_path: Path) -> None:
     """A missing folder or a model of another sequence is logged and left out; the rest keep their order."""
     models = tmp_path / "models"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dmg_node.segment.network import (
@@ -29,6 +30,7 @@ def test_generator_maps_an_image_to_same_sized_logits() -> None:
     assert out.shape == (2, 1, 32, 48, 16)
 
 
+@pytest.mark.slow
 def test_generator_gradients_reach_every_parameter() -> None:
     """A backward pass gives every generator parameter a finite gradient."""
     torch.manual_seed(0)

@@ -115,6 +115,7 @@ def test_mass_effect_pushes_anatomy_outwards() -> None:
 # ---------------------------------------------------------------------------------- cases
 
 
+@pytest.mark.slow
 def test_same_seed_same_case(case: PhantomCase) -> None:
     """A seed fully determines a case; another seed gives another case."""
     again = make_case(case.seed, resolution_mm=RES)

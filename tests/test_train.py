@@ -43,6 +43,7 @@ def first_run(blob_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("adversarial", [True, False])
 def test_a_few_steps_on_one_batch_lower_the_segmentation_loss(adversarial: bool) -> None:
     """Repeated GAN (or plain) steps on one batch reduce its Dice+CE loss."""
@@ -59,6 +60,7 @@ def test_a_few_steps_on_one_batch_lower_the_segmentation_loss(adversarial: bool)
     assert ("adv" in last and "disc" in last) == adversarial
 
 
+@pytest.mark.slow
 def test_train_writes_a_verified_model(first_run: Path) -> None:
     """train() writes both weights files and a manifest whose hashes verify."""
     manifest = load_manifest(first_run, "t2")
@@ -68,6 +70,7 @@ def test_train_writes_a_verified_model(first_run: Path) -> None:
     assert manifest.preprocess.spacing_mm == 4.0 and manifest.patch_size == (32, 32, 32)
 
 
+@pytest.mark.slow
 def test_same_seed_gives_the_same_weights(blob_dir: Path, first_run: Path, tmp_path: Path) -> None:
     """A second run with the same seed produces identical generator weights."""
     train("t2", blob_dir, tmp_path / "again", epochs=1, seed=7, **FAST)  # type: ignore[arg-type]
@@ -76,6 +79,7 @@ def test_same_seed_gives_the_same_weights(blob_dir: Path, first_run: Path, tmp_p
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_training_resumes_and_refuses_other_settings(blob_dir: Path, first_run: Path, tmp_path: Path) -> None:
     """A later call continues at the next epoch; one with another learning rate is refused."""
     out = tmp_path / "model"
@@ -105,6 +109,7 @@ def test_invalid_sequence_and_patch_are_refused(blob_dir: Path, tmp_path: Path) 
         train("t2", blob_dir, tmp_path / "m", epochs=1, max_spacing_mm=-1.0)
 
 
+@pytest.mark.slow
 def test_train_command_sets_grid_patch_lr_and_max_spacing(blob_dir: Path, tmp_path: Path,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     """`dmg-node train --spacing --patch --lr --max-spacing-mm` reach the manifest; a bad value is a

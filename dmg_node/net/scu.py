@@ -6,6 +6,7 @@ is a failure, never a success. The retrying lives in :mod:`dmg_node.net.outbox`.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +51,7 @@ def echo(dest: Destination, calling_aet: str, timeout: float = 10.0) -> SendResu
     ae.add_requested_context(Verification)
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, tune_connection)])
     if not assoc.is_established:
-        return SendResult(False, "no-association", _assoc_failure(assoc))
+        return SendResult(False, "no-association", _assoc_failure(assoc, dest, timeout))
     try:
         rsp = assoc.send_c_echo()
     finally:
@@ -91,7 +92,7 @@ def store_files(paths: Sequence[Path], dest: Destination, calling_aet: str, time
         ae.add_requested_context(uid, [ImplicitVRLittleEndian, ExplicitVRLittleEndian])
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, tune_connection)])
     if not assoc.is_established:
-        failure = SendResult(False, "no-association", _assoc_failure(assoc))
+        failure = SendResult(False, "no-association", _assoc_failure(assoc, dest, timeout))
         return [r or failure for r in results]
     try:
         for i, ds in enumerate(datasets):
@@ -112,12 +113,33 @@ def store_files(paths: Sequence[Path], dest: Destination, calling_aet: str, time
     return [r or SendResult(False, "not-sent") for r in results]
 
 
-def _assoc_failure(assoc: Any) -> str:
+def _assoc_failure(assoc: Any, dest: Destination, timeout: float) -> str:
+    """Why no association: rejected, or (asked of TCP, as pynetdicom reports it as an abort) refused."""
     if assoc.is_rejected:
         return "association rejected"
+    tcp = _tcp_failure(dest.host, dest.port, min(timeout, 5.0))
+    if tcp is not None:
+        return tcp
     if assoc.is_aborted:
         return "association aborted"
     return "no association (peer unreachable or timed out)"
+
+
+def _tcp_failure(host: str, port: int, timeout: float) -> str | None:
+    """Why a plain TCP connect to *host*:*port* fails now ("connection refused", ...); None if it connects.
+
+    pynetdicom ends a refused connect as an aborted association; an admin needs to know
+    that nothing listens there (wrong port, peer down), not that DICOM went wrong.
+    """
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except ConnectionRefusedError:
+        return f"connection refused: nothing listens on {host}:{port}"
+    except TimeoutError:
+        return f"no answer from {host}:{port} within {timeout:g} s (TCP connect timed out)"
+    except OSError as exc:
+        return f"cannot connect to {host}:{port}: {exc.strerror or exc}"
 
 
 def _result(rsp: Any) -> SendResult:

@@ -89,6 +89,7 @@ class RtStructMeta:
     software_version: str = dmg_node.__version__
     series_description: str = "AI-generated DMG contour - UNAPPROVED, review required"
     structure_set_label: str = "DMG_AI"
+    series_number: int = 1
 
 
 def build_rtstruct(
@@ -239,7 +240,7 @@ def _skeleton(stand_ins: list[Dataset], reference: Dataset, meta: RtStructMeta) 
     ds.SOPClassUID = RTStructureSetStorage
     ds.SOPInstanceUID = meta.sop_instance_uid
     ds.Modality = "RTSTRUCT"
-    ds.SeriesNumber = 1
+    ds.SeriesNumber = meta.series_number
     ds.SeriesInstanceUID = meta.series_instance_uid
     ds.InstanceCreationDate = ds.StructureSetDate = ds.SeriesDate = date
     ds.InstanceCreationTime = ds.StructureSetTime = ds.SeriesTime = time

@@ -30,6 +30,16 @@ def model_dirs(settings: Settings, label: Label) -> list[Path]:
     return [settings.models.dir / name for name in getattr(settings.models, label.value)]
 
 
+def sequences_without_model_files(settings: Settings) -> list[str]:
+    """Sequences none of whose configured folders holds a ``manifest.json`` (checked without loading).
+
+    ``dmg-node status`` uses this when the node is not running (a running node reports the
+    models it actually loaded).
+    """
+    return [label.value for label in ROUTED
+            if not any((folder / "manifest.json").is_file() for folder in model_dirs(settings, label))]
+
+
 def folder_signature(folder: Path) -> Signature:
     """Names, sizes and mtimes of a folder's files: changes whenever a model is being replaced."""
     try:

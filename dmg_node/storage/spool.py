@@ -51,6 +51,8 @@ _UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
 SCHEMA_VERSION = 1
 #: Held (flock) by the node that owns the spool; see :meth:`Spool.claim_ownership`.
 OWNER_LOCK = "node.lock"
+#: The SQLite index under ``storage.root``; its presence is what makes a folder a spool.
+INDEX_FILE = "index.sqlite3"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -129,7 +131,7 @@ class Spool:
         try:
             (self.root / "studies").mkdir(parents=True, exist_ok=True)
             (self.root / "outbox").mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.root / "index.sqlite3", check_same_thread=False, isolation_level=None)
+            self._db = sqlite3.connect(self.root / INDEX_FILE, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA busy_timeout=10000")
