@@ -141,6 +141,11 @@ class Pipeline:
         """Build the series' RTSTRUCT with its QA note and queue it, or hold it (``qa.flagged = "hold"``)."""
         label, series_uid = seg.label, seg.series_instance_uid
         flagged = check is not None and check.flagged
+        if seg.contour.voxels == 0 and not self.settings.rtstruct.send_empty:
+            if check is not None and flagged:  # nothing to send or hold, but the planner should see why
+                self.spool.set_series_result(series_uid, label.value,
+                                             f"nothing found, {check.note()}; {reason}"[:REASON_MAX_CHARS])
+            return None
         if check is not None and flagged and self.settings.qa.flagged is QaPolicy.HOLD:
             note = check.note()
             self.spool.set_series_result(series_uid, label.value, f"held, {note}; {reason}"[:REASON_MAX_CHARS])

@@ -323,9 +323,10 @@ class SphereModel:
         return out
 
 
-def _models(t1c_centre: npt.NDArray[np.float64]) -> dict[Label, ModelSet]:
+def _models(t1c_centre: npt.NDArray[np.float64], t1c_radius: float = 9.0) -> dict[Label, ModelSet]:
     centres = {"t2": LESION, "flair": LESION + [0.0, 0.0, 2.0], "t1c": t1c_centre}
-    return {Label(seq): ModelSet([SphereModel(seq, np.asarray(c, dtype=np.float64), 9.0 if seq == "t1c" else LESION_R)])
+    return {Label(seq): ModelSet([SphereModel(seq, np.asarray(c, dtype=np.float64),
+                                              t1c_radius if seq == "t1c" else LESION_R)])
             for seq, c in centres.items()}
 
 
@@ -346,12 +347,13 @@ def study(tmp_path: Path) -> Iterator[tuple[Spool, str]]:
         spool.close()
 
 
-def _run(spool: Spool, study_uid: str, settings: Settings, t1c_centre: npt.NDArray[np.float64]) -> Any:
+def _run(spool: Spool, study_uid: str, settings: Settings, t1c_centre: npt.NDArray[np.float64],
+         t1c_radius: float = 9.0) -> Any:
     spool.enqueue(study_uid, time.time(), time.time())
     job = spool.claim_job(time.time())
     assert job is not None
     with capture_logs() as logs:
-        outputs = Pipeline(settings, spool, _models(t1c_centre)).run(job)
+        outputs = Pipeline(settings, spool, _models(t1c_centre, t1c_radius)).run(job)
     return outputs, logs
 
 
@@ -410,6 +412,18 @@ def test_pipeline_holds_a_flagged_contour(study: tuple[Spool, str]) -> None:
     report = {"node": None, "studies": spool.summary(), "outbox": spool.outbox()}
     [series] = [s for s in report["studies"][0]["series"] if s["label"] == "t1c"]
     assert series["reason"].startswith("held, QA FLAG: T1C disagrees")
+
+
+@pytest.mark.parametrize("policy", ["send", "hold"])
+def test_pipeline_reports_an_empty_contour_the_others_contradict(study: tuple[Spool, str], policy: str) -> None:
+    """T1C finds nothing while T2/FLAIR found 7 ml: nothing is sent for it, and status says why."""
+    spool, study_uid = study
+    outputs, logs = _run(spool, study_uid, _settings(flagged=policy), LESION, t1c_radius=0.0)
+    assert sorted(o.label.value for o in outputs) == ["flair", "t2"]
+    assert not [e for e in logs if e["event"] == "contour_held"]
+    [series] = [s for s in spool.summary()[0]["series"] if s["label"] == "t1c"]
+    assert series["reason"].startswith("nothing found, QA FLAG: T1C empty; ")
+    assert "T2 found 7." in series["reason"] and "FLAIR found 7." in series["reason"]
 
 
 def test_pipeline_adds_the_consensus_roi_and_the_file_passes_dciodvfy(study: tuple[Spool, str], tmp_path: Path) -> None:

@@ -216,10 +216,11 @@ def check_study(inputs: Sequence[QaInput], settings: QaSettings) -> dict[str, Co
                                   f"{inside:.0%} inside them, Dice {best:.2f}",
                                   {"inside_others": inside, **{f"dice_{k}": v for k, v in dice.items()}}))
         elif others:
-            found = sum(len(centres[o.sequence]) * o.contour.voxel_ml for o in others)
+            found = {o.sequence: len(centres[o.sequence]) * o.contour.voxel_ml for o in others}
             flags.append(Flag(FlagCode.DISCORDANT,
-                              f"{_upper(item.sequence)} empty; {_joined(others)} found {found:.1f} ml",
-                              {"others_ml": found}))
+                              f"{_upper(item.sequence)} empty; "
+                              + ", ".join(f"{_upper(seq)} found {ml:.1f} ml" for seq, ml in found.items()),
+                              {f"ml_{seq}": ml for seq, ml in found.items()}))
         outside = None
         if volume_ml > 0:
             if item.brain is not None:
