@@ -167,7 +167,7 @@ class Pipeline:
         log.info("rtstruct_written", label=label.value, series_uid=series_uid, sop_uid=sop_uid, path=str(path),
                  destinations=dests, qa_flags=[f.code.value for f in check.flags] if check else [])
         if check is not None and flagged:
-            self.spool.set_series_result(series_uid, label.value, f"sent, {check.note()}; {reason}"[:REASON_MAX_CHARS])
+            self.spool.set_series_result(series_uid, label.value, f"queued, {check.note()}; {reason}"[:REASON_MAX_CHARS])
         return SeriesOutput(label, series_uid, sop_uid, seg.contour.voxels,
                             tuple(f.code.value for f in check.flags) if check else ())
 

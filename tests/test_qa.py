@@ -389,7 +389,7 @@ def test_pipeline_sends_the_displaced_t1c_with_a_qa_note_and_logs_it(study: tupl
     assert "ROIDescription" not in t2.StructureSetROISequence[0] and "QA FLAG" not in str(t2.SeriesDescription)
     text = _format_status({"node": None, "studies": spool.summary(), "outbox": spool.outbox()}, _settings())
     [line] = [line for line in text.splitlines() if "QA FLAG" in line]
-    assert "t1c" in line and "sent, QA FLAG: T1C disagrees" in line
+    assert "t1c" in line and "queued, QA FLAG: T1C disagrees" in line
 
 
 def test_pipeline_sends_agreeing_contours_without_flags(study: tuple[Spool, str]) -> None:
