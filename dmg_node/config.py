@@ -216,8 +216,8 @@ class QaSettings:
     flagged: QaPolicy = QaPolicy.SEND
     min_inside_others: float = 0.3
     min_dice: float = 0.3
-    max_outside_brain: float = 0.2
-    brain_margin_mm: float = 10.0
+    max_outside_head: float = 0.2
+    head_margin_mm: float = 3.0
     min_ml: float = 0.5
     max_ml: float = 150.0
     max_components: int = 3
@@ -290,8 +290,8 @@ _RANGES: dict[str, tuple[float, float]] = {
     "import.poll_seconds": (0.05, 3600),
     "qa.min_inside_others": (0, 1),
     "qa.min_dice": (0, 1),
-    "qa.max_outside_brain": (0, 1),
-    "qa.brain_margin_mm": (0, 100),
+    "qa.max_outside_head": (0, 1),
+    "qa.head_margin_mm": (0, 100),
     "qa.min_ml": (0, 10**4),
     "qa.max_ml": (0, 10**4),
     "qa.max_components": (1, 10**4),

@@ -34,7 +34,7 @@ from dmg_node.segment.qa import (
     FlagCode,
     QaInput,
     Region,
-    brain_region,
+    head_region,
     check_study,
     consensus,
 )
@@ -272,11 +272,11 @@ def rtstruct_for(datasets: list[Dataset], label: Label, contour: Contour, rt: Rt
 
 
 def qa_input(label: Label, contour: Contour, qa: QaSettings) -> QaInput:
-    """What the contour QA needs of a segmented series (the brain region only for a non-empty contour)."""
+    """What the contour QA needs of a segmented series (the head region only for a non-empty contour)."""
     volume = contour.volume
     mask = contour.mask.astype(bool)
-    brain = brain_region(volume, qa.brain_margin_mm) if mask.any() else None
-    return QaInput(label.value, Region.on(volume, mask), volume.frame_of_reference_uid, brain)
+    head = head_region(volume, qa.head_margin_mm) if mask.any() else None
+    return QaInput(label.value, Region.on(volume, mask), volume.frame_of_reference_uid, head)
 
 
 def consensus_roi(rt: RtStructSettings, qa: QaSettings) -> RoiSpec:

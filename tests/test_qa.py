@@ -35,7 +35,7 @@ from dmg_node.segment.qa import (
     FlagCode,
     QaInput,
     Region,
-    brain_region,
+    head_region,
     check_study,
     consensus,
     count_components,
@@ -91,21 +91,21 @@ class Grid:
 
 
 GRIDS = {
-    "t2": Grid(np.eye(3), (1.875, 1.875, 5.0), (30, 104, 88)),
-    "t1c": Grid(_rotation(12.0, 8.0), (1.5, 1.5, 1.5), (96, 120, 100)),
+    "t2": Grid(np.eye(3), (1.875, 1.875, 5.0), (34, 104, 88)),
+    "t1c": Grid(_rotation(12.0, 8.0), (1.5, 1.5, 1.5), (110, 130, 115)),
     "flair": Grid(np.array([[0.0, 1.0, 0.0], [0.0, 0.0, -1.0], [-1.0, 0.0, 0.0]]).T, (1.8, 1.8, 4.0), (38, 80, 100)),
 }
 
 
 def _inputs(centres: dict[str, Any], radius: float = LESION_R, for_uids: dict[str, str] | None = None,
-            brain: bool = False) -> list[QaInput]:
+            head: bool = False) -> list[QaInput]:
     out = []
     for seq, centre in centres.items():
         grid = GRIDS[seq]
         mask = grid.sphere(centre, radius) if centre is not None else np.zeros(grid.shape, dtype=bool)
         region = Region(mask, grid.affine)
         out.append(QaInput(seq, region, (for_uids or {}).get(seq, FOR_UID),
-                           brain_region(_volume(seq), QA.brain_margin_mm) if brain else None))
+                           head_region(_volume(seq), QA.head_margin_mm) if head else None))
     return out
 
 
@@ -184,25 +184,36 @@ def test_empty_contour_is_flagged_when_another_sequence_found_a_tumour() -> None
     assert not any(c.flagged for c in check_study(_inputs({"t2": None, "t1c": None}), QA).values())
 
 
-def test_contour_outside_the_brain_is_flagged() -> None:
-    """A contour in the scalp at the vertex lies outside the brain region; the lesion lies inside it."""
-    vertex = np.array([0.0, 0.0, 62.0])
-    [inside] = _inputs({"t2": LESION}, brain=True)
-    [outside] = _inputs({"t2": vertex}, radius=8.0, brain=True)
-    assert check_study([inside], QA)["t2"].outside_brain == 0.0
+def test_contour_outside_the_head_is_flagged() -> None:
+    """A contour straddling the vertex (half in the air above the head) is flagged; the lesion is not."""
+    vertex = np.array([0.0, 0.0, 65.0])
+    [inside] = _inputs({"t2": LESION}, head=True)
+    [outside] = _inputs({"t2": vertex}, radius=8.0, head=True)
+    assert check_study([inside], QA)["t2"].outside_head == 0.0
     check = check_study([outside], QA)["t2"]
-    assert check.outside_brain is not None and check.outside_brain > 0.9
-    assert FlagCode.OUTSIDE_BRAIN in [f.code for f in check.flags]
+    assert check.outside_head is not None and check.outside_head >= 0.4
+    assert FlagCode.OUTSIDE_HEAD in [f.code for f in check.flags]
 
 
-def test_brain_region_is_the_head_less_the_margin() -> None:
-    """brain_region keeps points deeper than the margin inside the head and drops those nearer its border."""
-    brain = brain_region(_volume("t1c"), 10.0)
-    assert brain is not None
+def test_head_region_is_the_head_less_the_margin() -> None:
+    """head_region keeps points deeper than the margin inside the head and drops those nearer its surface."""
+    region = head_region(_volume("t1c"), 10.0)
+    assert region is not None
     deep, shallow = np.array([[0.0, 0.0, 0.0], [0.0, 0.0, 50.0]]), np.array([[0.0, 0.0, 60.0], [0.0, 80.0, 0.0]])
-    assert brain.contains(deep).all() and not brain.contains(shallow).any()
+    assert region.contains(deep).all() and not region.contains(shallow).any()
     blank = replace(_volume("t2"), array=np.zeros(GRIDS["t2"].shape, dtype=np.float32))
-    assert brain_region(blank, 10.0) is None
+    assert head_region(blank, 10.0) is None
+
+
+def test_head_region_does_not_end_at_the_edge_of_a_partial_slab() -> None:
+    """A slab that stops 20 mm below the vertex (its top cuts through the head): its top edge is not the head's surface."""
+    grid = Grid(np.eye(3), (1.875, 1.875, 5.0), (17, 104, 88))  # z from -40 to +40 mm
+    volume = Volume(_head_image(grid), grid.affine, "1.2.3.slab", FOR_UID, tuple(f"1.2.3.slab.{k}" for k in range(17)),
+                    str(MRImageStorage))
+    region = head_region(volume, 3.0)
+    assert region is not None
+    assert region.contains(np.array([[0.0, 0.0, 39.0], [0.0, 0.0, -39.0], [0.0, 0.0, 0.0]])).all()
+    assert not region.contains(np.array([[0.0, 84.0, 0.0], [69.0, 0.0, 0.0]])).any()
 
 
 @pytest.mark.parametrize(("radius", "flagged"), [(4.0, True), (12.0, False), (34.0, True)])

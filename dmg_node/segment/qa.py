@@ -11,11 +11,13 @@ Checks (thresholds in ``[qa]`` of node.toml, :class:`~dmg_node.config.QaSettings
   the fraction of its volume inside the union of the others, and its Dice with each of them.
   Flagged when that fraction is below ``min_inside_others`` or its best Dice is below
   ``min_dice``; an empty contour is flagged when another sequence found a tumour.
-* **plausibility** (``outside_brain``, ``implausible_volume``, ``too_many_components``): the
-  fraction of the contour outside the brain region (the head, found by Otsu's threshold on a
-  coarse LPS grid, shrunk by ``brain_margin_mm``: a crude stand-in for a brain mask that keeps
-  out scalp, skull and air), its volume against ``[min_ml, max_ml]`` and its number of
-  connected components (26-connectivity) against ``max_components``.
+* **plausibility** (``outside_head``, ``implausible_volume``, ``too_many_components``): the
+  fraction of the contour outside the head region, its volume against ``[min_ml, max_ml]`` and
+  its number of connected components (26-connectivity) against ``max_components``. The head
+  region (:func:`head_region`) is not a brain mask: the head found by Otsu's threshold on a
+  coarse LPS grid, less ``head_margin_mm`` from its surface. On thick-slice T2 the dark skull
+  base lies within 10 mm of a pontine tumour, so the margin must stay small; it catches
+  contours in air, not contours on the wrong structure inside the head (consistency does).
 
 Masks on different grids (2D and 3D series, oblique stacks) are compared in patient coordinates:
 the voxel centres of one mask are mapped into the other's index space with the two affines and
@@ -43,7 +45,9 @@ BoolArray = npt.NDArray[np.bool_]
 Affine = npt.NDArray[np.float64]
 
 # The head is found on this grid: fine enough for a margin of several mm, small enough to be cheap.
-BRAIN_GRID_MM = 3.0
+HEAD_GRID_MM = 3.0
+# Voxels of that grid this close to the edge of what the series imaged are not known to be outside.
+EDGE_VOXELS = 3
 # ROI Description is LO (PS3.5 6.2): 64 characters.
 NOTE_PREFIX = "QA FLAG: "
 
@@ -52,7 +56,7 @@ class FlagCode(StrEnum):
     """Why a contour was flagged."""
 
     DISCORDANT = "discordant"
-    OUTSIDE_BRAIN = "outside_brain"
+    OUTSIDE_HEAD = "outside_head"
     IMPLAUSIBLE_VOLUME = "implausible_volume"
     TOO_MANY_COMPONENTS = "too_many_components"
 
@@ -107,14 +111,14 @@ class QaInput:
         The model's mask on the series' grid.
     frame_of_reference_uid
         Contours are compared only within one Frame of Reference (0020,0052).
-    brain
-        Where a tumour may lie (see :func:`brain_region`); ``None`` skips that check.
+    head
+        Where a tumour may lie (see :func:`head_region`); ``None`` skips that check.
     """
 
     sequence: str
     contour: Region
     frame_of_reference_uid: str
-    brain: Region | None = None
+    head: Region | None = None
 
 
 @dataclass(frozen=True)
@@ -132,13 +136,13 @@ class ContourQa:
 
     ``inside_others`` is the fraction of its volume inside the union of the other sequences'
     contours and ``dice`` its Dice with each of them (both absent without another contour in
-    its Frame of Reference); ``outside_brain`` is absent when no brain region was given.
+    its Frame of Reference); ``outside_head`` is absent when no head region was given.
     """
 
     sequence: str
     volume_ml: float
     components: int
-    outside_brain: float | None = None
+    outside_head: float | None = None
     inside_others: float | None = None
     dice: Mapping[str, float] = field(default_factory=dict)
     flags: tuple[Flag, ...] = ()
@@ -159,31 +163,39 @@ class ContourQa:
     def figures(self) -> dict[str, object]:
         """The figures as log fields."""
         out: dict[str, object] = {"volume_ml": round(self.volume_ml, 2), "components": self.components}
-        if self.outside_brain is not None:
-            out["outside_brain"] = round(self.outside_brain, 3)
+        if self.outside_head is not None:
+            out["outside_head"] = round(self.outside_head, 3)
         if self.inside_others is not None:
             out["inside_others"] = round(self.inside_others, 3)
         out.update({f"dice_{seq}": round(d, 3) for seq, d in self.dice.items()})
         return out
 
 
-def brain_region(volume: Volume, margin_mm: float) -> Region | None:
-    """The head of *volume* shrunk by *margin_mm*, on a coarse LPS grid (``None`` for a blank image).
+def head_region(volume: Volume, margin_mm: float) -> Region | None:
+    """Where a tumour may lie: the head of *volume* less *margin_mm*, on a coarse LPS grid.
 
     The head is :func:`~dmg_node.segment.preprocess.head_mask` (Otsu's threshold, largest
-    component, holes filled) on a :data:`BRAIN_GRID_MM` grid; a voxel is kept when it lies more
-    than *margin_mm* inside the head's border.
+    component, holes filled) on a :data:`HEAD_GRID_MM` grid; a voxel is kept unless it lies within
+    *margin_mm* of a voxel known to be outside the head (imaged, at least :data:`EDGE_VOXELS`
+    from the edge of the imaged slab, and not head). ``None`` for a blank image.
     """
-    shape, affine = canonical_grid(volume, BRAIN_GRID_MM)
-    image = resample(antialias(volume, BRAIN_GRID_MM), volume.affine, shape, affine)
+    shape, affine = canonical_grid(volume, HEAD_GRID_MM)
+    image = resample(antialias(volume, HEAD_GRID_MM), volume.affine, shape, affine)
     try:
         head = head_mask(image)
     except SeriesError:
         return None
-    padded = np.pad(head, 1)  # the border of the field of view counts as outside
-    depth = ndimage.distance_transform_edt(padded, sampling=BRAIN_GRID_MM)[1:-1, 1:-1, 1:-1]
-    brain: BoolArray = depth > margin_mm
-    return Region(brain, affine)
+    # Only what the series saw, away from its edges, is known to be outside the head: the LPS
+    # box of an oblique slab has corners it never imaged, a partial slab's edges cut through the
+    # head, and the head mask's closing erodes it where it touches the edge of the grid.
+    seen = resample(np.ones(volume.array.shape, dtype=np.float32), volume.affine, shape, affine, order=0) > 0.5
+    inner = ndimage.binary_erosion(seen, iterations=EDGE_VOXELS, border_value=0)
+    outside = inner & ~head
+    if not outside.any():
+        return Region(np.ones(shape, dtype=bool), affine)
+    depth = ndimage.distance_transform_edt(~outside, sampling=HEAD_GRID_MM)
+    region: BoolArray = depth > margin_mm
+    return Region(region, affine)
 
 
 def check_study(inputs: Sequence[QaInput], settings: QaSettings) -> dict[str, ContourQa]:
@@ -223,11 +235,11 @@ def check_study(inputs: Sequence[QaInput], settings: QaSettings) -> dict[str, Co
                               {f"ml_{seq}": ml for seq, ml in found.items()}))
         outside = None
         if volume_ml > 0:
-            if item.brain is not None:
-                outside = 1.0 - float(item.brain.contains(centres[item.sequence]).mean())
-                if outside > settings.max_outside_brain:
-                    flags.append(Flag(FlagCode.OUTSIDE_BRAIN, f"{outside:.0%} outside the brain",
-                                      {"outside_brain": outside}))
+            if item.head is not None:
+                outside = 1.0 - float(item.head.contains(centres[item.sequence]).mean())
+                if outside > settings.max_outside_head:
+                    flags.append(Flag(FlagCode.OUTSIDE_HEAD, f"{outside:.0%} outside the head",
+                                      {"outside_head": outside}))
             if not settings.min_ml <= volume_ml <= settings.max_ml:
                 flags.append(Flag(FlagCode.IMPLAUSIBLE_VOLUME,
                                   f"{volume_ml:.1f} ml outside {settings.min_ml:g}-{settings.max_ml:g} ml",
