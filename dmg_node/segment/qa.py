@@ -48,7 +48,7 @@ Affine = npt.NDArray[np.float64]
 HEAD_GRID_MM = 3.0
 # Voxels of that grid this close to the edge of what the series imaged are not known to be outside.
 EDGE_VOXELS = 3
-# ROI Description is LO (PS3.5 6.2): 64 characters.
+# Every note starts so; the TPS shows it in the ROI Description (LO, 64 characters, PS3.5 6.2).
 NOTE_PREFIX = "QA FLAG: "
 
 
