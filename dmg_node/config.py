@@ -215,7 +215,7 @@ class QaSettings:
 
     flagged: QaPolicy = QaPolicy.SEND
     min_inside_others: float = 0.3
-    min_dice: float = 0.3
+    min_dice: float = 0.45
     max_outside_head: float = 0.2
     head_margin_mm: float = 3.0
     min_ml: float = 0.5
