@@ -34,9 +34,9 @@ from dmg_node.segment.qa import (
     FlagCode,
     QaInput,
     Region,
-    head_region,
     check_study,
     consensus,
+    head_region,
 )
 from dmg_node.segment.routing import ModelSet, Routable
 from dmg_node.storage.spool import Spool

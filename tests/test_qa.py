@@ -35,10 +35,10 @@ from dmg_node.segment.qa import (
     FlagCode,
     QaInput,
     Region,
-    head_region,
     check_study,
     consensus,
     count_components,
+    head_region,
 )
 from dmg_node.segment.routing import ModelSet
 from dmg_node.storage.spool import Spool
