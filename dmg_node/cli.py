@@ -289,7 +289,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     if model is None:
         print(f"no usable {label.value} model under {settings.models.dir} (see the error above)", file=sys.stderr)
         return EXIT_FAILURE
-    contour = contour_series(read_datasets(paths), label, model, settings.rtstruct)
+    contour = contour_series(read_datasets(paths), label, model, settings.rtstruct, settings.qa)
     if contour.dataset is None:
         print(f"no tumour found in series {uid} ({label.value}); nothing written")
         return EXIT_OK
@@ -297,6 +297,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     ml = contour.voxels * float(np.prod(contour.volume.spacing)) / 1000.0
     print(f"{args.out}: {label.value} ({reason}); {ml:.1f} ml contoured by {contour.model.name} {contour.model.version}. "
           "AI-generated, UNAPPROVED: review before clinical use.")
+    if contour.qa is not None and contour.qa.flagged:
+        print(f"{contour.qa.note()} (written into the RTSTRUCT's descriptions)")
     return EXIT_OK
 
 

@@ -226,6 +226,29 @@ class ImportSettings:
         return Path(self.dir) if self.dir else None
 
 
+class QaPolicy(StrEnum):
+    """What happens to a contour the QA flagged (``qa.flagged``)."""
+
+    SEND = "send"
+    HOLD = "hold"
+
+
+@dataclass(frozen=True)
+class QaSettings:
+    """Contour QA (dmg_node.segment.qa; docs/model.md "Contour QA")."""
+
+    flagged: QaPolicy = QaPolicy.SEND
+    min_inside_others: float = 0.3
+    min_dice: float = 0.45
+    max_outside_head: float = 0.2
+    head_margin_mm: float = 3.0
+    min_ml: float = 0.5
+    max_ml: float = 150.0
+    max_components: int = 3
+    consensus_on: str = ""
+    consensus_roi_name: str = "GTV_DMG_AI_CONSENSUS"
+
+
 @dataclass(frozen=True)
 class LoggingSettings:
     level: LogLevel = LogLevel.INFO
@@ -257,6 +280,7 @@ class Settings:
     import_: ImportSettings = field(default_factory=ImportSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     web: WebSettings = field(default_factory=WebSettings)
+    qa: QaSettings = field(default_factory=QaSettings)
     source: Path | None = None
     # Compiled once from [classify] when the settings are built; every user reads these.
     rules: Rules = field(default_factory=compile_rules)
@@ -302,6 +326,13 @@ _RANGES: dict[str, tuple[float, float]] = {
     "import.settle_seconds": (0, 3600),
     "import.poll_seconds": (0.05, 3600),
     "web.port": (0, 65535),
+    "qa.min_inside_others": (0, 1),
+    "qa.min_dice": (0, 1),
+    "qa.max_outside_head": (0, 1),
+    "qa.head_margin_mm": (0, 100),
+    "qa.min_ml": (0, 10**4),
+    "qa.max_ml": (0, 10**4),
+    "qa.max_components": (1, 10**4),
 }
 # Field names whose TOML key is a Python keyword.
 _TOML_KEYS = {"import_": "import"}
@@ -463,6 +494,15 @@ def _check_cross_rules(settings: Settings, where: str) -> None:
                        ("roi_name_flair", settings.rtstruct.roi_name_flair)):
         if not 1 <= len(value) <= 64 or "\\" in value:
             raise ConfigError(f"{where}: 'rtstruct.{key}' must be 1-64 characters without backslash; found {value!r}")
+    qa = settings.qa
+    if qa.consensus_on not in ("", *SEQUENCES):
+        raise ConfigError(f"{where}: 'qa.consensus_on' must be empty (off) or one of {', '.join(SEQUENCES)}; "
+                          f"found {qa.consensus_on!r}")
+    if not 1 <= len(qa.consensus_roi_name) <= 64 or "\\" in qa.consensus_roi_name:
+        raise ConfigError(f"{where}: 'qa.consensus_roi_name' must be 1-64 characters without backslash; "
+                          f"found {qa.consensus_roi_name!r}")
+    if qa.min_ml > qa.max_ml:
+        raise ConfigError(f"{where}: 'qa.min_ml' ({qa.min_ml:g}) must not exceed 'qa.max_ml' ({qa.max_ml:g})")
     names = [d.name for d in settings.destinations]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:

@@ -1,15 +1,18 @@
-"""One study, one series at a time: classify -> choose -> volume -> segment -> RTSTRUCT -> outbox.
+"""One study: classify -> choose -> volume -> segment (each series) -> QA (across them) -> RTSTRUCT -> outbox.
 
 The node's job worker, the offline ``segment`` command and the demo all run series through
-:func:`contour_series`; :class:`Pipeline` adds what the node needs around it (the spool's files,
-the classification results in the index, the outbox).
+:func:`contour_series` (or its two halves, :func:`segment_series` and :func:`rtstruct_for`);
+:class:`Pipeline` adds what the node needs around it (the spool's files, the classification
+results in the index, the contour QA across a study's sequences, the outbox).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import io
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,11 +24,20 @@ from pydicom.uid import generate_uid
 
 from dmg_node import __version__
 from dmg_node.classify import Choice, Label, choose, classify, header_from_dataset
-from dmg_node.config import RtStructSettings, Settings
+from dmg_node.config import QaPolicy, QaSettings, RtStructSettings, Settings
 from dmg_node.dicomfiles import read_datasets
 from dmg_node.errors import RtStructError, SeriesError
 from dmg_node.records import Job
 from dmg_node.rtstruct import RoiSpec, RtStructMeta, build_rtstruct
+from dmg_node.segment.qa import (
+    ContourQa,
+    FlagCode,
+    QaInput,
+    Region,
+    check_study,
+    consensus,
+    head_region,
+)
 from dmg_node.segment.routing import ModelSet, Routable
 from dmg_node.storage.spool import Spool
 from dmg_node.volume import Volume, build_volume
@@ -33,15 +45,19 @@ from dmg_node import metrics
 
 log = structlog.get_logger(__name__)
 
+# Series Description (LO, 64 characters) of an RTSTRUCT whose contour the QA flagged.
+REASON_MAX_CHARS = 300
+
 
 @dataclass(frozen=True)
 class SeriesOutput:
-    """One RTSTRUCT produced for one segmented series."""
+    """One RTSTRUCT produced for one segmented series (``qa_flags``: the codes of the QA's flags)."""
 
     label: Label
     series_instance_uid: str
     sop_instance_uid: str
     voxels: int
+    qa_flags: tuple[str, ...] = ()
 
 
 class Pipeline:
@@ -75,15 +91,24 @@ class Pipeline:
             log.info("series_classified", series_uid=series_uid, label=result.label.value, reason=result.reason,
                      instances=len(paths))
             candidates.append((header, result))
-        outputs = []
+        # Every chosen series is segmented before any RTSTRUCT is built: the QA compares them.
+        segmented = []
         for label, choice in choose(candidates).items():
             log.info("series_chosen", label=label.value, series_uid=choice.series_instance_uid, reason=choice.reason)
-            out = self._segment(job, label, choice, files[choice.series_instance_uid])
+            seg = self._segment(job, label, choice, files[choice.series_instance_uid])
+            if seg is not None:
+                segmented.append(seg)
+        checks, consensus_mask = self._check(segmented)
+        reasons = {header.series_instance_uid: result.reason for header, result in candidates}
+        outputs = []
+        for seg in segmented:
+            out = self._queue(job, seg, checks.get(seg.label.value), consensus_mask,
+                              reasons.get(seg.series_instance_uid, ""))
             if out is not None:
                 outputs.append(out)
         return outputs
 
-    def _segment(self, job: Job, label: Label, choice: Choice, paths: list[Path]) -> SeriesOutput | None:
+    def _segment(self, job: Job, label: Label, choice: Choice, paths: list[Path]) -> Segmented | None:
         series_uid = choice.series_instance_uid
         model = self.models.get(label)
         if model is None:
@@ -92,42 +117,98 @@ class Pipeline:
             return None
         try:
             datasets = read_datasets(paths)
-            result = contour_series(datasets, label, model, self.settings.rtstruct)
+            contour = segment_series(datasets, label, model)
         except SeriesError as exc:
             self.spool.set_series_result(series_uid, label.value, f"rejected: {exc}")
             log.warning("series_rejected", label=label.value, series_uid=series_uid, reason=str(exc))
             self.skipped.append({"label": label.value, "series_uid": series_uid, "reason": f"rejected: {exc}"[:300]})
             return None
-        if result.dataset is None:
+        return Segmented(label, series_uid, datasets, contour)
+
+    def _check(self, segmented: Sequence[Segmented]) -> tuple[dict[str, ContourQa], tuple[str, np.ndarray[Any, Any]] | None]:
+        """Contour QA across the study's segmented series, and the consensus ROI (sequence, mask) if configured."""
+        qa = self.settings.qa
+        inputs = [qa_input(seg.label, seg.contour, qa) for seg in segmented]
+        checks = check_study(inputs, qa)
+        for seg in segmented:
+            log_qa(seg.label, seg.series_instance_uid, checks[seg.label.value])
+        target = next((i for i in inputs if i.sequence == qa.consensus_on), None)
+        if target is None:
+            return checks, None
+        mask = consensus(target, inputs)
+        log.info("consensus_computed", label=target.sequence, voxels=int(np.count_nonzero(mask)),
+                 sequences=[i.sequence for i in inputs if i.contour.mask.any()])
+        return checks, (target.sequence, mask) if mask.any() else None
+
+    def _queue(self, job: Job, seg: Segmented, check: ContourQa | None,
+               consensus_mask: tuple[str, np.ndarray[Any, Any]] | None, reason: str) -> SeriesOutput | None:
+        """Build the series' RTSTRUCT with its QA note and queue it, or hold it (``qa.flagged = "hold"``)."""
+        label, series_uid = seg.label, seg.series_instance_uid
+        flagged = check is not None and check.flagged
+        if seg.contour.voxels == 0 and not self.settings.rtstruct.send_empty:
             self.skipped.append({"label": label.value, "series_uid": series_uid,
                                  "reason": "no tumour found (rtstruct.send_empty = false)"})
+            if check is not None and flagged:  # nothing to send or hold, but the planner should see why
+                self.spool.set_series_result(series_uid, label.value,
+                                             f"nothing found, {check.note()}; {reason}"[:REASON_MAX_CHARS])
+            return None
+        if check is not None and flagged and self.settings.qa.flagged is QaPolicy.HOLD:
+            note = check.note()
+            self.spool.set_series_result(series_uid, label.value, f"held, {note}; {reason}"[:REASON_MAX_CHARS])
+            log.warning("contour_held", label=label.value, series_uid=series_uid,
+                        flags=[f.code.value for f in check.flags])
+            self.skipped.append({"label": label.value, "series_uid": series_uid,
+                                 "reason": f"held by contour QA (qa.flagged = hold): {note}"[:300]})
+            return None
+        extra = []
+        if consensus_mask is not None and consensus_mask[0] == label.value:
+            extra.append((consensus_roi(self.settings.rtstruct, self.settings.qa), consensus_mask[1].astype(bool)))
+        dataset = rtstruct_for(seg.datasets, label, seg.contour, self.settings.rtstruct, check, extra)
+        if dataset is None:
             return None
         buf = io.BytesIO()
-        result.dataset.save_as(buf, enforce_file_format=True)
+        dataset.save_as(buf, enforce_file_format=True)
         dests = [d.name for d in self.settings.destinations]
-        sop_uid = str(result.dataset.SOPInstanceUID)
+        sop_uid = str(dataset.SOPInstanceUID)
         path = self.spool.add_outbox(job.id, job.study_instance_uid, series_uid, sop_uid, buf.getvalue(), dests,
                                      time.time())
         log.info("rtstruct_written", label=label.value, series_uid=series_uid, sop_uid=sop_uid, path=str(path),
-                 destinations=dests)
-        return SeriesOutput(label, series_uid, sop_uid, result.voxels)
+                 destinations=dests, qa_flags=[f.code.value for f in check.flags] if check else [])
+        if check is not None and flagged:
+            self.spool.set_series_result(series_uid, label.value, f"queued, {check.note()}; {reason}"[:REASON_MAX_CHARS])
+        return SeriesOutput(label, series_uid, sop_uid, seg.contour.voxels,
+                            tuple(f.code.value for f in check.flags) if check else ())
+
+
+@dataclass(frozen=True)
+class Segmented:
+    """A segmented series waiting for the study's QA: its datasets (for the RTSTRUCT) and contour."""
+
+    label: Label
+    series_instance_uid: str
+    datasets: list[Dataset]
+    contour: Contour
 
 
 @dataclass(frozen=True)
 class Contour:
-    """The outcome of segmenting one series: the RTSTRUCT (None when nothing is to be sent)."""
+    """The outcome of segmenting one series: the RTSTRUCT (None when nothing is to be sent) and its QA."""
 
     dataset: Dataset | None
     voxels: int
     volume: Volume
     mask: np.ndarray[Any, Any]
     model: Routable
+    qa: ContourQa | None = None
 
 
-def contour_series(datasets: list[Dataset], label: Label, models: ModelSet, rt: RtStructSettings) -> Contour:
-    """Series datasets -> volume -> model mask -> RTSTRUCT (the segment and rtstruct stages).
+def contour_series(datasets: list[Dataset], label: Label, models: ModelSet, rt: RtStructSettings,
+                   qa: QaSettings | None = None) -> Contour:
+    """Series datasets -> volume -> model mask -> (QA) -> RTSTRUCT (the segment and rtstruct stages).
 
-    The series goes to the first of the sequence's models meant for its voxel spacing.
+    The series goes to the first of the sequence's models meant for its voxel spacing. With *qa*,
+    the plausibility checks run (one series has no other sequence to be compared with) and a
+    flagged contour carries its QA note.
 
     Raises
     ------
@@ -135,6 +216,23 @@ def contour_series(datasets: list[Dataset], label: Label, models: ModelSet, rt: 
         The datasets do not make one volume, or no configured model is meant for its spacing.
     RtStructError
         The RTSTRUCT cannot be built.
+    """
+    contour = segment_series(datasets, label, models)
+    check = None
+    if qa is not None:
+        check = check_study([qa_input(label, contour, qa)], qa)[label.value]
+        log_qa(label, contour.volume.series_instance_uid, check)
+    ds = rtstruct_for(datasets, label, contour, rt, check)
+    return dataclasses.replace(contour, dataset=ds, qa=check)
+
+
+def segment_series(datasets: list[Dataset], label: Label, models: ModelSet) -> Contour:
+    """Series datasets -> volume -> model mask (no RTSTRUCT yet: ``dataset`` is None).
+
+    Raises
+    ------
+    SeriesError
+        The datasets do not make one volume, or no configured model is meant for its spacing.
     """
     volume = build_volume(datasets)
     series_uid = volume.series_instance_uid
@@ -146,19 +244,72 @@ def contour_series(datasets: list[Dataset], label: Label, models: ModelSet, rt: 
     log.info("series_segmented", label=label.value, series_uid=series_uid, model=model.name,
              model_version=model.version, voxels=voxels, duration_ms=round((time.perf_counter() - t0) * 1000))
     if voxels == 0:
-        log.info("no_tumour_found", label=label.value, series_uid=series_uid, send_empty=rt.send_empty)
-        if not rt.send_empty:
-            return Contour(None, 0, volume, mask, model)
+        log.info("no_tumour_found", label=label.value, series_uid=series_uid)
+    return Contour(None, voxels, volume, mask, model)
+
+
+def rtstruct_for(datasets: list[Dataset], label: Label, contour: Contour, rt: RtStructSettings,
+                 check: ContourQa | None = None,
+                 extra_rois: Sequence[tuple[RoiSpec, np.ndarray[Any, Any]]] = ()) -> Dataset | None:
+    """The RTSTRUCT of a segmented series, with the QA note of a flagged contour (None: nothing to send).
+
+    A flagged contour's note ("QA FLAG: ...") goes into its ROI Description (LO, 64 characters)
+    and the Structure Set Description (ST), and the Series Description says QA FLAG, so the
+    planner sees it in the TPS (PS3.3 C.8.8.5).
+
+    Raises
+    ------
+    RtStructError
+        The RTSTRUCT cannot be built.
+    """
+    if contour.voxels == 0 and not rt.send_empty:
+        return None
     meta = RtStructMeta(sop_instance_uid=generate_uid(prefix=None), series_instance_uid=generate_uid(prefix=None),
-                        created=datetime.datetime.now().astimezone(), **_series_identity(datasets, label, model, rt))
+                        created=datetime.datetime.now().astimezone(),
+                        **_series_identity(datasets, label, contour.model, rt))
     roi = RoiSpec(name=rt.roi_name(label.value), color=rt.color(label.value),
-                  generation_description=f"{model.name} {model.version} (dmg-node {__version__})"[:64])
+                  generation_description=f"{contour.model.name} {contour.model.version} (dmg-node {__version__})"[:64])
+    if check is not None and check.flagged:
+        roi = dataclasses.replace(roi, description=check.note(64))
+        meta = dataclasses.replace(
+            meta, series_description=f"{meta.series_description} QA FLAG"[:64],
+            structure_set_description=f"{meta.series_description}, review required. {check.note(900)}")
     try:
-        ds = build_rtstruct(datasets, volume, mask, roi, meta, allow_empty=rt.send_empty)
+        return build_rtstruct(datasets, contour.volume, contour.mask.astype(bool), roi, meta,
+                              allow_empty=rt.send_empty, extra_rois=extra_rois)
     except RtStructError as exc:
-        log.error("rtstruct_failed", label=label.value, series_uid=series_uid, error=str(exc))
+        log.error("rtstruct_failed", label=label.value, series_uid=contour.volume.series_instance_uid, error=str(exc))
         raise
-    return Contour(ds, voxels, volume, mask, model)
+
+
+def qa_input(label: Label, contour: Contour, qa: QaSettings) -> QaInput:
+    """What the contour QA needs of a segmented series (the head region only for a non-empty contour)."""
+    volume = contour.volume
+    mask = contour.mask.astype(bool)
+    head = head_region(volume, qa.head_margin_mm) if mask.any() else None
+    return QaInput(label.value, Region.on(volume, mask), volume.frame_of_reference_uid, head)
+
+
+def consensus_roi(rt: RtStructSettings, qa: QaSettings) -> RoiSpec:
+    """The consensus structure: voxels where at least two sequences' contours agree."""
+    return RoiSpec(name=qa.consensus_roi_name, color=rt.color(qa.consensus_on),
+                   generation_description=f"consensus of >= 2 sequences (dmg-node {__version__})"[:64],
+                   description="voxels inside the AI contours of at least two sequences")
+
+
+def log_qa(label: Label, series_uid: str, check: ContourQa) -> None:
+    """``contour_checked`` with the figures; a warning per kind of flag (discordant, implausible)."""
+    figures = check.figures()
+    log.info("contour_checked", label=label.value, series_uid=series_uid, flags=[f.code.value for f in check.flags],
+             **figures)
+    discordant = [f for f in check.flags if f.code is FlagCode.DISCORDANT]
+    implausible = [f for f in check.flags if f.code is not FlagCode.DISCORDANT]
+    if discordant:
+        log.warning("contour_discordant", label=label.value, series_uid=series_uid,
+                    note="; ".join(f.text for f in discordant), **figures)
+    if implausible:
+        log.warning("contour_implausible", label=label.value, series_uid=series_uid,
+                    flags=[f.code.value for f in implausible], note="; ".join(f.text for f in implausible), **figures)
 
 
 def _series_identity(datasets: list[Dataset], label: Label, model: Routable, rt: RtStructSettings) -> dict[str, Any]:

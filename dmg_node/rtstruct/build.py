@@ -70,12 +70,13 @@ _RT_UTILS_EXTRAS = ("PatientAge", "PatientSize", "PatientWeight")
 
 @dataclass(frozen=True)
 class RoiSpec:
-    """The one structure written: name, display colour and how it was generated."""
+    """A structure written: name, display colour, how it was generated and an optional description (a QA note)."""
 
     name: str
     color: tuple[int, int, int]
     generation_description: str
     interpreted_type: str = "GTV"
+    description: str = ""
 
 
 @dataclass(frozen=True)
@@ -90,13 +91,15 @@ class RtStructMeta:
     series_description: str = "AI-generated DMG contour - UNAPPROVED, review required"
     structure_set_label: str = "DMG_AI"
     series_number: int = 1
+    # Structure Set Description (ST, 1024 characters); empty = the series description.
+    structure_set_description: str = ""
 
 
 def build_rtstruct(
     source: Sequence[Dataset], volume: Volume, mask: npt.NDArray[np.bool_], roi: RoiSpec, meta: RtStructMeta,
-    *, allow_empty: bool = False,
+    *, allow_empty: bool = False, extra_rois: Sequence[tuple[RoiSpec, npt.NDArray[np.bool_]]] = (),
 ) -> Dataset:
-    """Build an RT Structure Set (PS3.3 A.19) holding *mask* as one closed-planar ROI.
+    """Build an RT Structure Set (PS3.3 A.19) holding *mask* as a closed-planar ROI (ROI Number 1).
 
     Parameters
     ----------
@@ -115,6 +118,9 @@ def build_rtstruct(
     allow_empty
         Accept an empty mask and write the ROI with no contour (``rtstruct.send_empty``), so the
         planner sees that the model ran and found nothing.
+    extra_rois
+        Further structures on the same grid (numbered 2, 3, ...), such as the consensus ROI; each
+        mask must be non-empty.
 
     Returns
     -------
@@ -126,44 +132,59 @@ def build_rtstruct(
     RtStructError
         If the mask is empty (and not *allow_empty*), has the wrong shape or type, or *source* does not match *volume*.
     """
-    if mask.shape != volume.array.shape or mask.dtype != np.bool_:
-        raise RtStructError(f"mask must be bool of shape {volume.array.shape}; found {mask.dtype} {mask.shape}")
-    if not mask.any() and not allow_empty:
-        raise RtStructError("mask is empty")
-    if any(not 0 <= c <= 255 for c in roi.color) or len(roi.color) != 3:
-        raise RtStructError(f"ROI colour must be three values in 0..255; found {roi.color}")
+    rois = [(roi, mask), *extra_rois]
+    for number, (spec, roi_mask) in enumerate(rois, start=1):
+        if roi_mask.shape != volume.array.shape or roi_mask.dtype != np.bool_:
+            raise RtStructError(f"mask must be bool of shape {volume.array.shape}; found {roi_mask.dtype} {roi_mask.shape}")
+        if not roi_mask.any() and not (allow_empty and number == 1):
+            raise RtStructError("mask is empty" if number == 1 else f"mask of ROI {spec.name!r} is empty")
+        if any(not 0 <= c <= 255 for c in spec.color) or len(spec.color) != 3:
+            raise RtStructError(f"ROI colour must be three values in 0..255; found {spec.color}")
     by_uid = _check_source(source, volume)
     ds = _skeleton(_stand_ins(source, volume, by_uid), by_uid[volume.sop_instance_uids[0]], meta)
-    ds.StructureSetROISequence.append(
-        ds_helper.create_structure_set_roi(
-            ROIData(mask, list(roi.color), 1, _fit(roi.name, 64), volume.frame_of_reference_uid)
-        )
+    n_contours = 0
+    for number, (spec, roi_mask) in enumerate(rois, start=1):
+        n_contours += _add_roi(ds, number, spec, roi_mask, volume, by_uid)
+
+    charset = _character_set(ds, by_uid[volume.sop_instance_uids[0]])
+    if charset is not None:
+        ds.SpecificCharacterSet = charset
+    log.info("rtstruct_built", sop_uid=meta.sop_instance_uid, contours=n_contours,
+             voxels=int(np.count_nonzero(mask)))
+    return ds
+
+
+def _add_roi(ds: Dataset, number: int, roi: RoiSpec, mask: npt.NDArray[np.bool_], volume: Volume,
+             by_uid: dict[str, Dataset]) -> int:
+    """Add one ROI: its Structure Set ROI, ROI Contour and RT ROI Observations items (PS3.3 C.8.8.5-C.8.8.8).
+
+    Returns the number of contours written.
+    """
+    ssroi = ds_helper.create_structure_set_roi(
+        ROIData(mask, list(roi.color), number, _fit(roi.name, 64), volume.frame_of_reference_uid)
     )
-    ssroi = ds.StructureSetROISequence[0]
     ssroi.ROIGenerationDescription = _fit(roi.generation_description, 64)
-    del ssroi.ROIDescription  # rt-utils' empty Type 3 value
+    if roi.description:
+        ssroi.ROIDescription = _fit(roi.description, 64)
+    else:
+        del ssroi.ROIDescription  # rt-utils' empty Type 3 value
+    ds.StructureSetROISequence.append(ssroi)
 
     roi_contour = Dataset()
     roi_contour.ROIDisplayColor = list(roi.color)
     contours = _contour_sequence(mask, volume, by_uid)
     if contours:  # Contour Sequence is Type 3: omitted, not empty, when nothing was found
         roi_contour.ContourSequence = contours
-    roi_contour.ReferencedROINumber = 1
+    roi_contour.ReferencedROINumber = number
     ds.ROIContourSequence.append(roi_contour)
 
     observation = Dataset()
-    observation.ObservationNumber = 1
-    observation.ReferencedROINumber = 1
+    observation.ObservationNumber = number
+    observation.ReferencedROINumber = number
     observation.RTROIInterpretedType = roi.interpreted_type
     observation.ROIInterpreter = ""
     ds.RTROIObservationsSequence.append(observation)
-
-    charset = _character_set(ds, by_uid[volume.sop_instance_uids[0]])
-    if charset is not None:
-        ds.SpecificCharacterSet = charset
-    log.info("rtstruct_built", sop_uid=meta.sop_instance_uid, contours=len(contours),
-             voxels=int(np.count_nonzero(mask)))
-    return ds
+    return len(contours)
 
 
 def save_rtstruct(ds: Dataset, path: Path) -> None:
@@ -251,7 +272,7 @@ def _skeleton(stand_ins: list[Dataset], reference: Dataset, meta: RtStructMeta) 
     ds.SeriesDescription = _fit(meta.series_description, 64)
     ds.StructureSetLabel = _fit(meta.structure_set_label, 16)
     ds.StructureSetName = _fit(meta.structure_set_label, 64)
-    ds.StructureSetDescription = _fit(meta.series_description, 1024)
+    ds.StructureSetDescription = _fit(meta.structure_set_description or meta.series_description, 1024)
     ds.ApprovalStatus = "UNAPPROVED"
     ds.InstanceNumber = 1
     ds.OperatorsName = ""
