@@ -140,7 +140,7 @@ def _format_status(report: dict[str, Any], settings: config.Settings) -> str:
 def cmd_classify(args: argparse.Namespace) -> int:
     from pydicom import dcmread
 
-    from dmg_node.classify import classify, header_from_dataset
+    from dmg_node.classify import classify, header_from_series
     from dmg_node.dicomfiles import find_series
 
     settings = _settings(args)
@@ -151,7 +151,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     rows: list[dict[str, Any]] = []
     for uid, paths in sorted(find_series(path).items()):
-        header = header_from_dataset(dcmread(paths[0], stop_before_pixels=True), n_instances=len(paths))
+        header = header_from_series([dcmread(p, stop_before_pixels=True) for p in paths])
         result = classify(header, rules)
         rows.append({"series_instance_uid": uid, "label": result.label.value, "reason": result.reason,
                      "series_description": header.series_description or "", "instances": len(paths)})
@@ -216,7 +216,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_segment(args: argparse.Namespace) -> int:
     from pydicom import dcmread
 
-    from dmg_node.classify import Label, classify, header_from_dataset
+    from dmg_node.classify import Label, classify, header_from_series
     from dmg_node.dicomfiles import find_series, read_datasets
     from dmg_node.pipeline import contour_series
     from dmg_node.rtstruct import save_rtstruct
@@ -232,7 +232,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     if args.sequence:
         label, reason = Label(args.sequence), "--sequence given"
     else:
-        result = classify(header_from_dataset(dcmread(paths[0], stop_before_pixels=True), len(paths)),
+        result = classify(header_from_series([dcmread(p, stop_before_pixels=True) for p in paths]),
                           settings.rules)
         label, reason = result.label, result.reason
     if label is Label.NONE:

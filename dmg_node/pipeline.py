@@ -20,7 +20,7 @@ from pydicom import Dataset, dcmread
 from pydicom.uid import generate_uid
 
 from dmg_node import __version__
-from dmg_node.classify import Choice, Label, choose, classify, header_from_dataset
+from dmg_node.classify import Choice, Label, choose, classify, header_from_series
 from dmg_node.config import RtStructSettings, Settings
 from dmg_node.dicomfiles import read_datasets
 from dmg_node.errors import RtStructError, SeriesError
@@ -60,8 +60,8 @@ class Pipeline:
         candidates = []
         for series_uid, paths in files.items():
             try:
-                ds = dcmread(paths[0], stop_before_pixels=True)
-                header = header_from_dataset(ds, n_instances=len(paths))
+                # every header: diffusion hides behind a b = 0 first image (issue 19 item 11)
+                header = header_from_series([dcmread(p, stop_before_pixels=True) for p in paths])
             except Exception as exc:  # noqa: BLE001 - untrusted header: one bad series must not fail the study
                 reason = f"unreadable header: {type(exc).__name__}: {exc}"[:300]
                 self.spool.set_series_result(series_uid, "none", reason)
