@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import time
@@ -55,6 +56,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         node.wait()
     finally:
         node.stop()
+    if node.unfinished:
+        # A worker is still inside native code (torch): interpreter teardown would destroy its
+        # threads mid-call ("terminate called without an active exception", SIGABRT). Its job
+        # is still "running" in the index, and the next start requeues it.
+        log.warning("exit_with_unfinished_workers", workers=node.unfinished)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_OK)
     return EXIT_OK
 
 

@@ -8,8 +8,10 @@ the classification results in the index, the outbox).
 from __future__ import annotations
 
 import datetime
+import hashlib
 import io
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,8 +25,9 @@ from dmg_node import __version__
 from dmg_node.classify import Choice, Label, choose, classify, header_from_series
 from dmg_node.config import RtStructSettings, Settings
 from dmg_node.dicomfiles import read_datasets
-from dmg_node.errors import RtStructError, SeriesError
-from dmg_node.records import Job
+from dmg_node.completeness import incompleteness
+from dmg_node.errors import JobInterrupted, RtStructError, SeriesError
+from dmg_node.records import Job, RtStructKey
 from dmg_node.rtstruct import RoiSpec, RtStructMeta, build_rtstruct
 from dmg_node.segment.routing import ModelSet, Routable
 from dmg_node.storage.spool import Spool
@@ -55,7 +58,14 @@ class Pipeline:
         self.settings = settings
         self.rules = settings.rules
 
-    def run(self, job: Job) -> list[SeriesOutput]:
+    def run(self, job: Job, stopping: Callable[[], bool] = lambda: False) -> list[SeriesOutput]:
+        """Run one job; *stopping* is asked before each series (a stop abandons the job there).
+
+        Raises
+        ------
+        JobInterrupted
+            *stopping* said yes before a series: the caller requeues the job.
+        """
         files = self.spool.series_files(job.study_instance_uid)
         candidates = []
         for series_uid, paths in files.items():
@@ -74,6 +84,8 @@ class Pipeline:
             candidates.append((header, result))
         outputs = []
         for label, choice in choose(candidates).items():
+            if stopping():
+                raise JobInterrupted(f"node stopping before the {label.value} series")
             log.info("series_chosen", label=label.value, series_uid=choice.series_instance_uid, reason=choice.reason)
             out = self._segment(job, label, choice, files[choice.series_instance_uid])
             if out is not None:
@@ -86,24 +98,50 @@ class Pipeline:
         if model is None:
             log.warning("sequence_skipped_no_model", label=label.value, series_uid=series_uid)
             return None
+        dests = [d.name for d in self.settings.destinations]
         try:
             datasets = read_datasets(paths)
-            result = contour_series(datasets, label, model, self.settings.rtstruct)
+            incomplete = incompleteness(datasets)
+            fingerprint = series_fingerprint(datasets)
+            done = {} if incomplete else {(r.model, r.model_version): r
+                                          for r in self.spool.rtstructs_for(series_uid, fingerprint)}
+            prior = next((done[(m.name, m.version)] for m in model.models if (m.name, m.version) in done), None)
+            result = None if incomplete or prior else contour_series(datasets, label, model, self.settings.rtstruct)
         except SeriesError as exc:
             self.spool.set_series_result(series_uid, label.value, f"rejected: {exc}")
             log.warning("series_rejected", label=label.value, series_uid=series_uid, reason=str(exc))
             return None
+        if incomplete is not None:
+            # held, not contoured: late instances reopen the study and it is processed again
+            self.spool.set_series_result(series_uid, label.value, f"incomplete: {incomplete}")
+            log.warning("series_incomplete", label=label.value, series_uid=series_uid, reason=incomplete,
+                        instances=len(paths))
+            return None
+        if prior is not None:
+            # same instances, same model version: the RTSTRUCT made before (a rerun after a crash,
+            # or a study reprocessed for another series) is queued again, never made anew
+            self.spool.requeue_rtstruct(job.id, job.study_instance_uid, series_uid, prior, dests, time.time())
+            log.info("rtstruct_reused", label=label.value, series_uid=series_uid, sop_uid=prior.sop_instance_uid,
+                     model=prior.model, model_version=prior.model_version, destinations=dests)
+            return None
+        assert result is not None
         if result.dataset is None:
             return None
         buf = io.BytesIO()
         result.dataset.save_as(buf, enforce_file_format=True)
-        dests = [d.name for d in self.settings.destinations]
         sop_uid = str(result.dataset.SOPInstanceUID)
+        key = RtStructKey(series_uid, result.model.name, result.model.version, fingerprint)
         path = self.spool.add_outbox(job.id, job.study_instance_uid, series_uid, sop_uid, buf.getvalue(), dests,
-                                     time.time())
+                                     time.time(), key=key)
         log.info("rtstruct_written", label=label.value, series_uid=series_uid, sop_uid=sop_uid, path=str(path),
                  destinations=dests)
         return SeriesOutput(label, series_uid, sop_uid, result.voxels)
+
+
+def series_fingerprint(datasets: list[Dataset]) -> str:
+    """sha256 of the series' sorted SOP Instance UIDs: what an RTSTRUCT was made from."""
+    uids = sorted(str(ds.get("SOPInstanceUID", "")) for ds in datasets)
+    return hashlib.sha256("\n".join(uids).encode("utf-8", "surrogateescape")).hexdigest()
 
 
 @dataclass(frozen=True)
