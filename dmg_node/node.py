@@ -55,6 +55,7 @@ class Node:
         self._watcher: Watcher | None = None
         self.started = time.time()
         self.unfinished: list[str] = []  # worker threads still running after stop()
+        self.accepting_since = self.started
 
     def start(self) -> None:
         self.spool.claim_ownership()
@@ -63,6 +64,7 @@ class Node:
         self.models.load_all()
         self.pipeline = Pipeline(self.settings, self.spool, self.models.models)
         self.receiver.start()
+        self.accepting_since = time.time()  # the quiet period of every waiting study restarts here
         self._start_watcher()
         for target, name in ((self._assemble_loop, "assembler"), (self._job_loop, "jobs"),
                              (self._maintain_loop, "maintenance")):
@@ -120,7 +122,7 @@ class Node:
                 # not_before: the quiet period counts from our start too; while the node was down
                 # nothing could arrive, so silence then says nothing about completeness (issue 19 item 10)
                 for d in due_studies(self.spool.studies(), time.time(), a.quiet_seconds, a.late_policy,
-                                     not_before=self.started):
+                                     not_before=self.accepting_since):
                     job_id = self.spool.enqueue(d.study_instance_uid, d.covered_until, time.time())
                     log.info("study_complete", study_uid=d.study_instance_uid, job_id=job_id, reprocess=d.late,
                              quiet_seconds=a.quiet_seconds)
