@@ -70,6 +70,8 @@ def test_kill_9_after_first_rtstruct_written_sends_one_per_series(tmp_path: Path
             time.sleep(3)  # let the outbox finish
             events = node2.events()
         received = _by_series(tmp_path / "tps")
+    print(f"kill -9 after rtstruct_written: RTSTRUCTs per series at the TPS {sorted(len(u) for u in received.values())}, "
+          f"rtstruct_reused {[e['event'] for e in events].count('rtstruct_reused')}")
     assert [e["event"] for e in events].count("job_done") == 2
     assert len(received) == len(routed) and all(len(uids) == 1 for uids in received.values()), received
     assert any(e["event"] == "rtstruct_reused" for e in events)
