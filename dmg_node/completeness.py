@@ -100,7 +100,7 @@ def _declared(ds: Dataset) -> tuple[int, str] | None:
     for group, creator, offset in _PRIVATE_SLICE_COUNTS:
         try:
             slices = _int(ds.private_block(group, creator)[offset].value)
-        except (KeyError, ValueError, TypeError):
+        except Exception:  # noqa: BLE001 - absent or undecodable private element: no evidence
             continue
         if slices is not None and slices > 1:
             return slices * temporal, f"{creator} ({group:04X},xx{offset:02X}) x {temporal} temporal position(s)"
@@ -135,7 +135,7 @@ def _field_of_view(ds: Dataset) -> float | None:
 def _get(ds: Any, keyword: str) -> Any:
     try:
         return ds.get(keyword)
-    except (ValueError, TypeError, OverflowError, AttributeError, KeyError, IndexError):
+    except Exception:  # noqa: BLE001 - untrusted header (e.g. NotImplementedError for VR 'XX'): no evidence
         return None
 
 

@@ -100,3 +100,14 @@ def test_phantom_series_are_complete(tmp_path) -> None:  # type: ignore[no-untyp
         paths = sorted((study.study_dir / s.folder).glob("*.dcm"))
         assert incompleteness(read_datasets(paths)) is None, s.sequence
         assert incompleteness(read_datasets(paths[: len(paths) // 8])) is not None or s.sequence != "t1c"
+
+
+def test_unknown_vr_is_no_evidence_not_an_exception() -> None:
+    """An Image Orientation (Patient) with a VR that does not exist ('XX') is skipped, never raised."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    series = _series(3)
+    value = b"1\\0\\0\\0\\1\\0"
+    series[0][0x00200037] = RawDataElement(Tag(0x00200037), "XX", len(value), value, 0, False, True)
+    assert incompleteness(series) is None

@@ -112,7 +112,8 @@ _MACRO = {
     "ContrastBolusAgentAdministered": "ContrastBolusUsageSequence",
 }
 # What pydicom raises while converting a malformed stored value.
-_BAD_VALUE = (ValueError, TypeError, OverflowError, AttributeError, KeyError, IndexError, BytesLengthException)
+_BAD_VALUE = (ValueError, TypeError, OverflowError, AttributeError, KeyError, IndexError, BytesLengthException,
+              NotImplementedError)
 
 
 def _get(ds: Any, keyword: str) -> Any:
@@ -278,7 +279,7 @@ def _private(ds: pydicom.Dataset, group: int, creator: str, offset: int) -> Any:
     """A private element's value under its creator (PS3.5 7.8.1), or None; raw bytes of FL/FD decoded."""
     try:
         value = ds.private_block(group, creator)[offset].value
-    except (KeyError, ValueError, TypeError):
+    except Exception:  # noqa: BLE001 - absent, or undecodable (e.g. an unknown VR): no value
         return None
     if isinstance(value, bytes):  # VR unknown to pydicom: text (IS/DS) or little-endian FL/FD
         text = _number(value.decode("latin-1").strip("\x00 ").split("\\")[0])
