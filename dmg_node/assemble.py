@@ -3,7 +3,8 @@
 A study is complete when no instance of it has arrived for ``quiet_seconds``; the clock is per
 study and counts instances from any association and any caller. The decision reads only what the
 SQLite index holds (:class:`dmg_node.records.StudyRow`), so a restart loses nothing: a study that
-was waiting is still waiting, and one that was complete but not yet queued is queued.
+was waiting is still waiting, and one that was complete but not yet queued is queued. A restart
+restarts the quiet period of every waiting study (``not_before``): the downtime is not silence.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ class Decision:
 
 
 def due_studies(
-    studies: Iterable[StudyRow], now: float, quiet_seconds: float, late_policy: LatePolicy
+    studies: Iterable[StudyRow], now: float, quiet_seconds: float, late_policy: LatePolicy, *,
+    not_before: float = 0.0,
 ) -> list[Decision]:
     """Return the studies that are complete and need a (new) job.
 
@@ -48,7 +50,7 @@ def due_studies(
     """
     out: list[Decision] = []
     for s in sorted(studies, key=lambda r: r.last_received_at):
-        if s.active_job or now - s.last_received_at < quiet_seconds:
+        if s.active_job or now - max(s.last_received_at, not_before) < quiet_seconds:
             continue
         if s.covered_until is None:
             out.append(Decision(s.study_instance_uid, s.last_received_at, late=False))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import time
@@ -57,6 +58,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         node.wait()
     finally:
         node.stop()
+    if node.unfinished:
+        # A worker is still inside native code (torch): interpreter teardown would destroy its
+        # threads mid-call ("terminate called without an active exception", SIGABRT). Its job
+        # is still "running" in the index, and the next start requeues it.
+        log.warning("exit_with_unfinished_workers", workers=node.unfinished)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_OK)
     return EXIT_OK
 
 
@@ -155,7 +164,7 @@ def _format_status(report: dict[str, Any], settings: config.Settings) -> str:
 def cmd_classify(args: argparse.Namespace) -> int:
     from pydicom import dcmread
 
-    from dmg_node.classify import classify, header_from_dataset
+    from dmg_node.classify import classify, header_from_series
     from dmg_node.dicomfiles import find_series
 
     settings = _settings(args)
@@ -166,7 +175,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     rows: list[dict[str, Any]] = []
     for uid, paths in sorted(find_series(path).items()):
-        header = header_from_dataset(dcmread(paths[0], stop_before_pixels=True), n_instances=len(paths))
+        header = header_from_series([dcmread(p, stop_before_pixels=True) for p in paths])
         result = classify(header, rules)
         rows.append({"series_instance_uid": uid, "label": result.label.value, "reason": result.reason,
                      "series_description": header.series_description or "", "instances": len(paths)})
@@ -261,7 +270,7 @@ def cmd_evaluate_output(args: argparse.Namespace) -> int:
 def cmd_segment(args: argparse.Namespace) -> int:
     from pydicom import dcmread
 
-    from dmg_node.classify import Label, classify, header_from_dataset
+    from dmg_node.classify import Label, classify, header_from_series
     from dmg_node.dicomfiles import find_series, read_datasets
     from dmg_node.pipeline import contour_series
     from dmg_node.rtstruct import save_rtstruct
@@ -279,7 +288,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     if args.sequence:
         label, reason = Label(args.sequence), "--sequence given"
     else:
-        result = classify(header_from_dataset(dcmread(paths[0], stop_before_pixels=True), len(paths)),
+        result = classify(header_from_series([dcmread(p, stop_before_pixels=True) for p in paths]),
                           settings.rules)
         label, reason = result.label, result.reason
     if label is Label.NONE:

@@ -29,3 +29,7 @@ class ModelError(DmgNodeError):
 
 class RtStructError(DmgNodeError):
     """An RTSTRUCT could not be built from a mask and its source series."""
+
+
+class JobInterrupted(DmgNodeError):
+    """The node is stopping: the job stops at a series boundary and is requeued."""

@@ -20,7 +20,7 @@ from dmg_node import config as config_mod
 from dmg_node.assemble import due_studies
 from dmg_node.classify import Label
 from dmg_node.config import DuplicatePolicy, Settings
-from dmg_node.errors import ConfigError, DmgNodeError
+from dmg_node.errors import ConfigError, DmgNodeError, JobInterrupted
 from dmg_node.fsutil import atomic_write
 from dmg_node.net.outbox import OutboxWorker
 from dmg_node.net.scp import Receiver
@@ -56,6 +56,8 @@ class Node:
         self._watcher: Watcher | None = None
         self._web: web_server.WebServer | None = None
         self.started = time.time()
+        self.unfinished: list[str] = []  # worker threads still running after stop()
+        self.accepting_since = self.started
 
     def start(self) -> None:
         self.spool.claim_ownership()
@@ -64,6 +66,7 @@ class Node:
         self.models.load_all()
         self.pipeline = Pipeline(self.settings, self.spool, self.models.models)
         self.receiver.start()
+        self.accepting_since = time.time()  # the quiet period of every waiting study restarts here
         self._start_watcher()
         for target, name in ((self._assemble_loop, "assembler"), (self._job_loop, "jobs"),
                              (self._maintain_loop, "maintenance")):
@@ -93,6 +96,10 @@ class Node:
     def stop(self, grace_seconds: float = 30.0) -> None:
         """Stop receiving (in-flight C-STOREs finish), stop the workers, close the index."""
         log.info("node_stopping")
+        # one deadline for every worker, inside systemd's TimeoutStopSec=60 with the default grace:
+        # the job worker finishes its current series meanwhile (the next one is not started), or
+        # is abandoned and cli exits without tearing down a native thread mid-call
+        deadline = time.monotonic() + grace_seconds + 20.0
         self._stop.set()
         self.receiver.stop(grace_seconds)
         if self._web is not None:
@@ -104,8 +111,15 @@ class Node:
         for _w, stop in self._outbox.values():
             stop.set()
         for t in [*self._threads, *workers]:
-            t.join(timeout=grace_seconds)
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
         busy = [t.name for t in (*self._threads, *workers) if t.is_alive()]
+        self.unfinished = busy
+        try:
+            left = self.spool.pending_outbox()
+        except (DmgNodeError, OSError):
+            left = {}
+        if left:
+            log.warning("outbox_left", pending=left, note="sent at the next start")
         if not busy:  # a worker still inside the index must not find it closed
             self.spool.close()
         log.info("node_stopped", unfinished_workers=busy)
@@ -116,7 +130,10 @@ class Node:
         while not self._stop.is_set():
             a = self.settings.assembly
             try:
-                for d in due_studies(self.spool.studies(), time.time(), a.quiet_seconds, a.late_policy):
+                # not_before: the quiet period counts from our start too; while the node was down
+                # nothing could arrive, so silence then says nothing about completeness (issue 19 item 10)
+                for d in due_studies(self.spool.studies(), time.time(), a.quiet_seconds, a.late_policy,
+                                     not_before=self.accepting_since):
                     job_id = self.spool.enqueue(d.study_instance_uid, d.covered_until, time.time())
                     log.info("study_complete", study_uid=d.study_instance_uid, job_id=job_id, reprocess=d.late,
                              quiet_seconds=a.quiet_seconds)
@@ -145,7 +162,9 @@ class Node:
         log.info("job_started", attempt=job.attempts)
         try:
             try:
-                outputs = self.pipeline.run(job)
+                outputs = self.pipeline.run(job, stopping=self._stop.is_set)
+            except JobInterrupted as exc:
+                self._requeue(job, str(exc))
             except Exception as exc:  # noqa: BLE001 - whatever one study does, the worker must live
                 # RuntimeError covers torch failures (including CUDA OOM, a RuntimeError subclass);
                 # anything else (a library choking on a malformed series) fails this job, not the node.
@@ -164,6 +183,14 @@ class Node:
                     w.wake.set()
         finally:
             structlog.contextvars.unbind_contextvars("job_id", "study_uid")
+
+    def _requeue(self, job: Job, reason: str) -> None:
+        """Stopping: the job goes back to pending, its attempt not counted; the next start runs it."""
+        try:
+            self.spool.requeue_job(job.id, time.time(), reason)
+        except (DmgNodeError, OSError) as exc:  # left "running": reconcile requeues it at the next start
+            log.error("worker_error", worker="jobs", error=f"{type(exc).__name__}: {exc}")
+        log.info("job_requeued", reason=reason)
 
     def _finish(self, job: Job, state: JobState, error: str | None) -> None:
         """Record the job's end; while the index cannot be written (a full disk), retry each poll.

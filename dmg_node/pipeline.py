@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import io
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,11 +24,12 @@ from pydicom import Dataset, dcmread
 from pydicom.uid import generate_uid
 
 from dmg_node import __version__
-from dmg_node.classify import Choice, Label, choose, classify, header_from_dataset
+from dmg_node.classify import Choice, Label, choose, classify, header_from_series
+from dmg_node.completeness import incompleteness
 from dmg_node.config import QaPolicy, QaSettings, RtStructSettings, Settings
 from dmg_node.dicomfiles import read_datasets
-from dmg_node.errors import RtStructError, SeriesError
-from dmg_node.records import Job
+from dmg_node.errors import JobInterrupted, RtStructError, SeriesError
+from dmg_node.records import Job, RtStructKey
 from dmg_node.rtstruct import RoiSpec, RtStructMeta, build_rtstruct
 from dmg_node.segment.qa import (
     ContourQa,
@@ -73,14 +75,21 @@ class Pipeline:
         self.settings = settings
         self.rules = settings.rules
 
-    def run(self, job: Job) -> list[SeriesOutput]:
+    def run(self, job: Job, stopping: Callable[[], bool] = lambda: False) -> list[SeriesOutput]:
+        """Run one job; *stopping* is asked before each series (a stop abandons the job there).
+
+        Raises
+        ------
+        JobInterrupted
+            *stopping* said yes before a series: the caller requeues the job.
+        """
         self.skipped = []  # chosen series that produced no RTSTRUCT, and why
         files = self.spool.series_files(job.study_instance_uid)
         candidates = []
         for series_uid, paths in files.items():
             try:
-                ds = dcmread(paths[0], stop_before_pixels=True)
-                header = header_from_dataset(ds, n_instances=len(paths))
+                # every header: diffusion hides behind a b = 0 first image (issue 19 item 11)
+                header = header_from_series([dcmread(p, stop_before_pixels=True) for p in paths])
             except Exception as exc:  # noqa: BLE001 - untrusted header: one bad series must not fail the study
                 reason = f"unreadable header: {type(exc).__name__}: {exc}"[:300]
                 self.spool.set_series_result(series_uid, "none", reason)
@@ -94,6 +103,8 @@ class Pipeline:
         # Every chosen series is segmented before any RTSTRUCT is built: the QA compares them.
         segmented = []
         for label, choice in choose(candidates).items():
+            if stopping():
+                raise JobInterrupted(f"node stopping before the {label.value} series")
             log.info("series_chosen", label=label.value, series_uid=choice.series_instance_uid, reason=choice.reason)
             seg = self._segment(job, label, choice, files[choice.series_instance_uid])
             if seg is not None:
@@ -115,15 +126,38 @@ class Pipeline:
             log.warning("sequence_skipped_no_model", label=label.value, series_uid=series_uid)
             self.skipped.append({"label": label.value, "series_uid": series_uid, "reason": "no usable model"})
             return None
+        dests = [d.name for d in self.settings.destinations]
         try:
             datasets = read_datasets(paths)
-            contour = segment_series(datasets, label, model)
+            incomplete = incompleteness(datasets)
+            fingerprint = series_fingerprint(datasets)
+            done = {} if incomplete else {(r.model, r.model_version): r
+                                          for r in self.spool.rtstructs_for(series_uid, fingerprint)}
+            prior = next((done[(m.name, m.version)] for m in model.models if (m.name, m.version) in done), None)
+            contour = None if incomplete or prior else segment_series(datasets, label, model)
         except SeriesError as exc:
             self.spool.set_series_result(series_uid, label.value, f"rejected: {exc}")
             log.warning("series_rejected", label=label.value, series_uid=series_uid, reason=str(exc))
             self.skipped.append({"label": label.value, "series_uid": series_uid, "reason": f"rejected: {exc}"[:300]})
             return None
-        return Segmented(label, series_uid, datasets, contour)
+        if incomplete is not None:
+            # held, not contoured: late instances reopen the study and it is processed again
+            self.spool.set_series_result(series_uid, label.value, f"incomplete: {incomplete}")
+            log.warning("series_incomplete", label=label.value, series_uid=series_uid, reason=incomplete,
+                        instances=len(paths))
+            self.skipped.append({"label": label.value, "series_uid": series_uid,
+                                 "reason": f"incomplete: {incomplete}"[:300]})
+            return None
+        if prior is not None:
+            # same instances, same model version: the RTSTRUCT made before (a rerun after a crash,
+            # or a study reprocessed for another series) is queued again, never made anew. It
+            # was checked by the contour QA when it was made; it is not compared again here.
+            self.spool.requeue_rtstruct(job.id, job.study_instance_uid, series_uid, prior, dests, time.time())
+            log.info("rtstruct_reused", label=label.value, series_uid=series_uid, sop_uid=prior.sop_instance_uid,
+                     model=prior.model, model_version=prior.model_version, destinations=dests)
+            return None
+        assert contour is not None
+        return Segmented(label, series_uid, datasets, contour, fingerprint)
 
     def _check(self, segmented: Sequence[Segmented]) -> tuple[dict[str, ContourQa], tuple[str, np.ndarray[Any, Any]] | None]:
         """Contour QA across the study's segmented series, and the consensus ROI (sequence, mask) if configured."""
@@ -170,14 +204,21 @@ class Pipeline:
         dataset.save_as(buf, enforce_file_format=True)
         dests = [d.name for d in self.settings.destinations]
         sop_uid = str(dataset.SOPInstanceUID)
+        key = RtStructKey(series_uid, seg.contour.model.name, seg.contour.model.version, seg.fingerprint)
         path = self.spool.add_outbox(job.id, job.study_instance_uid, series_uid, sop_uid, buf.getvalue(), dests,
-                                     time.time())
+                                     time.time(), key=key)
         log.info("rtstruct_written", label=label.value, series_uid=series_uid, sop_uid=sop_uid, path=str(path),
                  destinations=dests, qa_flags=[f.code.value for f in check.flags] if check else [])
         if check is not None and flagged:
             self.spool.set_series_result(series_uid, label.value, f"queued, {check.note()}; {reason}"[:REASON_MAX_CHARS])
         return SeriesOutput(label, series_uid, sop_uid, seg.contour.voxels,
                             tuple(f.code.value for f in check.flags) if check else ())
+
+
+def series_fingerprint(datasets: list[Dataset]) -> str:
+    """sha256 of the series' sorted SOP Instance UIDs: what an RTSTRUCT was made from."""
+    uids = sorted(str(ds.get("SOPInstanceUID", "")) for ds in datasets)
+    return hashlib.sha256("\n".join(uids).encode("utf-8", "surrogateescape")).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -188,6 +229,7 @@ class Segmented:
     series_instance_uid: str
     datasets: list[Dataset]
     contour: Contour
+    fingerprint: str  # of the instances it was made from (series_fingerprint)
 
 
 @dataclass(frozen=True)

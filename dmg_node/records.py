@@ -107,3 +107,26 @@ class OutboxItem:
     destination: str
     attempts: int
     created_at: float
+
+
+@dataclass(frozen=True)
+class RtStructKey:
+    """What one RTSTRUCT was made from: the source series, exactly which instances, and the model.
+
+    One RTSTRUCT per key reaches each destination, whatever restarts or reprocessing happen.
+    """
+
+    source_series_uid: str
+    model: str
+    model_version: str
+    fingerprint: str  # sha256 of the sorted SOP Instance UIDs of the series
+
+
+@dataclass(frozen=True)
+class RtStructRecord:
+    """An RTSTRUCT already made for a key: its SOP Instance UID and outbox file."""
+
+    model: str
+    model_version: str
+    sop_instance_uid: str
+    path: Path

@@ -45,3 +45,12 @@ def test_late_arrival_reprocess_or_ignore() -> None:
 def test_zero_quiet_period() -> None:
     """quiet_seconds = 0 queues a study at once."""
     assert len(due_studies([_row("a", 5.0)], 5.0, 0, LatePolicy.REPROCESS)) == 1
+
+
+def test_restart_restarts_the_quiet_period() -> None:
+    """Issue 19 item 10: after a restart at t=500 a study last heard at t=100 waits until 560, not at once."""
+    rows = [_row("a", 100.0)]
+    assert due_studies(rows, 501.0, 60, LatePolicy.REPROCESS, not_before=500.0) == []
+    assert due_studies(rows, 559.9, 60, LatePolicy.REPROCESS, not_before=500.0) == []
+    [d] = due_studies(rows, 560.0, 60, LatePolicy.REPROCESS, not_before=500.0)
+    assert d.covered_until == 100.0 and not d.late

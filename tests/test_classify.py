@@ -34,6 +34,7 @@ from dmg_node.classify import (
     classify,
     compile_rules,
     header_from_dataset,
+    header_from_series,
 )
 
 RULES = compile_rules()
@@ -678,3 +679,115 @@ def test_series_header_is_frozen() -> None:
     """SeriesHeader is immutable."""
     with pytest.raises(dataclasses.FrozenInstanceError):
         mr("x").echo_time = 1.0  # type: ignore[misc]
+
+
+# --- description-free series, every vendor style (issue 19 item 9-11: physics alone) ---------
+# Private b-value homes: (group, creator, element offset, VR).
+_PRIVATE_B = {
+    "siemens": (0x0019, "SIEMENS MR HEADER", 0x0C, "IS"),
+    "ge": (0x0043, "GEMS_PARM_01", 0x39, "IS"),
+    "philips": (0x2001, "Philips Imaging DD 001", 0x03, "FL"),
+}
+_VENDOR = {"siemens": "SIEMENS", "ge": "GE MEDICAL SYSTEMS", "philips": "Philips Medical Systems",
+           "canon": "CANON_MEC"}  # fmt: skip
+
+
+def _deidentified_series(vendor: str, physics: dict[str, Any], n_positions: int = 4,
+                         b_values: tuple[float, ...] = (), private_b: bool = False) -> list[Dataset]:
+    """A classic MR series with SeriesDescription and ProtocolName removed (PS3.15 E.1).
+
+    With *b_values*, each slice position holds one image per b-value (b = 0 first), the
+    b-value in DiffusionBValue or, with *private_b*, only in the vendor's private tag.
+    """
+    out = []
+    for z in range(n_positions):
+        for b in b_values or (None,):
+            ds = _classic(Manufacturer=_VENDOR[vendor], ImagePositionPatient=[-120.0, -130.5, -40.0 + 5 * z],
+                          ImageOrientationPatient=[1, 0, 0, 0, 1, 0], **physics)  # fmt: skip
+            if b is not None and private_b:
+                group, creator, offset, vr = _PRIVATE_B[vendor]
+                value: Any = b + 1e9 if vendor == "ge" else b
+                ds.private_block(group, creator, create=True).add_new(
+                    offset, vr, [str(int(value)), "8", "0", "0"] if vendor == "ge" else
+                    (str(int(value)) if vr == "IS" else float(value)))  # fmt: skip
+            elif b is not None:
+                ds.DiffusionBValue = b
+            out.append(ds)
+    return out
+
+
+_SE_DWI = dict(ScanningSequence="SE", SequenceVariant="SK", MRAcquisitionType="2D", RepetitionTime=3000.0,
+               EchoTime=80.0)  # fmt: skip
+_EP_DWI = dict(_SE_DWI, ScanningSequence="EP")
+_T2 = dict(ScanningSequence="SE", SequenceVariant=["SK", "SP"], MRAcquisitionType="2D", RepetitionTime=5000.0,
+           EchoTime=100.0)  # fmt: skip
+_FLAIR = dict(_T2, ScanningSequence=["SE", "IR"], RepetitionTime=9000.0, EchoTime=120.0, InversionTime=2500.0)
+_T1C = dict(ScanningSequence=["GR", "IR"], SequenceVariant=["SK", "SP", "MP"], MRAcquisitionType="3D",
+            RepetitionTime=2000.0, EchoTime=3.0, InversionTime=900.0, FlipAngle=9.0, ContrastBolusAgent="Gadobutrol")
+
+
+@pytest.mark.parametrize(("vendor", "private_b"), [*((v, False) for v in _VENDOR), *((v, True) for v in _PRIVATE_B)])
+def test_deidentified_spin_echo_dwi_is_none(vendor: str, private_b: bool) -> None:
+    """A spin-echo DWI (b 0 and 1000 at each position) with its descriptions removed is never a T2."""
+    series = _deidentified_series(vendor, _SE_DWI, b_values=(0.0, 1000.0), private_b=private_b)
+    header = header_from_series(series)
+    assert header.series_description is None and header.protocol_name is None
+    assert header.diffusion_b_value == 1000.0 and header.images_per_position == 2.0
+    result = classify(header, RULES)
+    assert result.label is Label.NONE and result.reason.startswith("excluded: b-value 1000"), result.reason
+    # the first image alone (b = 0) carries nothing diffusion-like but the repeated positions do
+    first = classify(header_from_dataset(series[0]), RULES)
+    assert first.label is Label.T2  # why the series-level header is needed
+
+
+def test_issue_19_philips_dwi_b0_first_private_only() -> None:
+    """Issue 19 item 11: Philips SE DWI, b 0 and 1000 per position, only in (2001,1003), no names: none."""
+    series = _deidentified_series("philips", _SE_DWI, n_positions=20, b_values=(0.0, 1000.0), private_b=True)
+    series[0].ImageType = ["ORIGINAL", "PRIMARY", "M_SE", "M", "SE"]
+    assert classify(header_from_series(series), RULES).label is Label.NONE
+
+
+def test_repeated_positions_alone_exclude() -> None:
+    """Two images per slice position with no b-value anywhere (e.g. a stripped DWI) is excluded."""
+    series = _deidentified_series("canon", _SE_DWI, b_values=(0.0, 0.0))
+    for ds in series:
+        del ds.DiffusionBValue
+    result = classify(header_from_series(series), RULES)
+    assert result.label is Label.NONE and "2 images per slice position" in result.reason
+
+
+@pytest.mark.parametrize("vendor", ["siemens", "ge", "philips", "canon"])
+def test_deidentified_echo_planar_dwi_is_none(vendor: str) -> None:
+    """An EPI DWI whose trace image type was rewritten to M\\ND and descriptions removed is none."""
+    series = _deidentified_series(vendor, _EP_DWI, b_values=(0.0, 1000.0))
+    assert classify(header_from_series(series), RULES).label is Label.NONE
+
+
+@pytest.mark.parametrize("vendor", ["siemens", "ge", "philips", "canon"])
+@pytest.mark.parametrize(("physics", "expected"), [(_T2, Label.T2), (_FLAIR, Label.FLAIR), (_T1C, Label.T1C)],
+                         ids=["t2", "flair", "t1c"])  # fmt: skip
+def test_deidentified_plain_series_keep_their_label(vendor: str, physics: dict[str, Any], expected: Label) -> None:
+    """T2, FLAIR and T1c series with descriptions removed are still labelled from physics alone."""
+    header = header_from_series(_deidentified_series(vendor, physics, n_positions=6))
+    assert header.images_per_position == 1.0 and header.diffusion_b_value is None
+    assert classify(header, RULES).label is expected
+
+
+def test_deidentified_enhanced_mr_diffusion_directionality() -> None:
+    """Enhanced MR: a DiffusionDirectionality / MR Diffusion Sequence marks diffusion even at b = 0."""
+    ds = _enhanced(
+        shared={"MRTimingAndRelatedParametersSequence": _item(RepetitionTime=4000.0),
+                "MREchoSequence": _item(EffectiveEchoTime=90.0)},
+        frames=[{"MRDiffusionSequence": _item(DiffusionBValue=0.0, DiffusionDirectionality="ISOTROPIC")}],
+        EchoPulseSequence="SPIN", MRAcquisitionType="2D",
+    )  # fmt: skip
+    result = classify(header_from_series([ds]), RULES)
+    assert result.label is Label.NONE and "DiffusionDirectionality ISOTROPIC" in result.reason
+    plain = _enhanced(
+        shared={"MRTimingAndRelatedParametersSequence": _item(RepetitionTime=5000.0),
+                "MREchoSequence": _item(EffectiveEchoTime=100.0)},
+        frames=[{"PlanePositionSequence": _item(ImagePositionPatient=[0.0, 0.0, float(z)])} for z in range(3)],
+        EchoPulseSequence="SPIN", MRAcquisitionType="2D",
+    )  # fmt: skip
+    header = header_from_series([plain])
+    assert header.images_per_position == 1.0 and classify(header, RULES).label is Label.T2

@@ -149,3 +149,50 @@ def test_retention_keeps_anything_unsent(tmp_path: Path) -> None:
     assert sp.delete_study("1.1") == 2
     assert sp.instance_count() == 2 and sp.series_files("1.1") == {}
     assert (tmp_path / "outbox").is_dir() and not (tmp_path / "studies" / "1.1").exists()
+
+
+def test_version_1_index_is_upgraded_in_place(tmp_path: Path) -> None:
+    """An index written before the rtstructs table (schema 1) opens, gains the table, keeps its rows."""
+    import sqlite3
+
+    from dmg_node.storage import spool as spool_mod
+
+    sp = Spool(tmp_path)
+    sp.store(b"abc", _rec())
+    sp.close()
+    db = sqlite3.connect(tmp_path / "index.sqlite3")
+    db.execute("DROP TABLE rtstructs")
+    db.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    db.commit()
+    db.close()
+    sp = Spool(tmp_path)
+    assert sp.instance_count() == 1 and sp.rtstructs_for("1.2.3", "f") == []
+    assert sp._query("SELECT value FROM meta WHERE key = 'schema_version'") == [(str(spool_mod.SCHEMA_VERSION),)]
+
+
+def test_rtstruct_recorded_with_its_outbox_rows_and_requeued_once(tmp_path: Path) -> None:
+    """add_outbox with a key records the RTSTRUCT; requeue_rtstruct adds only missing destinations."""
+    from dmg_node.records import RtStructKey
+
+    sp = Spool(tmp_path)
+    key = RtStructKey("1.2.3", "demo-t2", "0.2.0", "f" * 64)
+    sp.add_outbox(1, "1.2", "1.2.3", "9.9", b"RT", ["tps"], now=0.0, key=key)
+    [rec] = sp.rtstructs_for("1.2.3", "f" * 64)
+    assert (rec.model, rec.model_version, rec.sop_instance_uid) == ("demo-t2", "0.2.0", "9.9")
+    assert sp.rtstructs_for("1.2.3", "other") == []
+    sp.requeue_rtstruct(2, "1.2", "1.2.3", rec, ["tps", "archive"], now=1.0)
+    rows = sorted((r["sop_instance_uid"], r["destination"], r["job_id"]) for r in sp.outbox())
+    assert rows == [("9.9", "archive", 2), ("9.9", "tps", 1)]
+    assert sp.pending_outbox() == {"archive": 1, "tps": 1}
+    assert sp.delete_study("1.2") == 1 and sp.rtstructs_for("1.2.3", "f" * 64) == []
+
+
+def test_requeue_job_does_not_count_the_attempt(tmp_path: Path) -> None:
+    """A job stopped by a node stop goes back to pending with its attempt uncounted."""
+    sp = Spool(tmp_path)
+    job_id = sp.enqueue("1.2", 1.0, 2.0)
+    job = sp.claim_job(3.0)
+    assert job is not None and job.attempts == 1
+    sp.requeue_job(job_id, 4.0, "node stopping")
+    [row] = sp.jobs()
+    assert (row["state"], row["attempts"], row["error"]) == ("pending", 0, "node stopping")

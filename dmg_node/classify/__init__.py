@@ -11,11 +11,11 @@ Pure: no file I/O, no clock, no logging; callers log the returned reasons.
 
 from dmg_node.classify.choose import Choice, choose
 from dmg_node.classify.decide import classify
-from dmg_node.classify.header import SeriesHeader, header_from_dataset, series_name
+from dmg_node.classify.header import SeriesHeader, header_from_dataset, header_from_series, series_name
 from dmg_node.classify.patterns import DEFAULT_PATTERNS
 from dmg_node.classify.rules import Classification, Label, Rules, compile_rules
 
 __all__ = [
     "DEFAULT_PATTERNS", "Choice", "Classification", "Label", "Rules", "SeriesHeader", "choose", "classify",
-    "compile_rules", "header_from_dataset", "series_name",
+    "compile_rules", "header_from_dataset", "header_from_series", "series_name",
 ]

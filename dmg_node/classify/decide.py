@@ -5,7 +5,8 @@ decision is one row of a table below, tried in order, and the first row that fir
 
 1. **Header exclusions** (``_EXCLUSIONS``): not MR, not an MR image SOP class (PS3.4 B.5),
    derived secondary images, ImageType values of localizers, maps, reformats or phase
-   images, echo-planar readout, diffusion weighting, angio / phase-contrast / ASL flags,
+   images, echo-planar readout, diffusion weighting (any b-value > 0, standard or vendor private,
+   DiffusionDirectionality, an MR Diffusion Sequence), several images per slice position, angio / phase-contrast / ASL flags,
    multi-phase series, gradient echo with TE >= 10 ms (T2*, SWI) and balanced SSFP
    -> ``none``.
 2. **Name exclusions**: the series name (see :func:`series_name`) matches a ``none`` pattern
@@ -139,7 +140,20 @@ def _echo_planar(h: SeriesHeader) -> str | None:
 
 def _diffusion(h: SeriesHeader) -> str | None:
     b = h.diffusion_b_value
-    return f"DiffusionBValue {b:g} s/mm2 (diffusion-weighted)" if b is not None and b > 0 else None
+    if b is not None and b > 0:
+        return f"b-value {b:g} s/mm2 (diffusion-weighted)"
+    if h.diffusion_directionality not in (None, "NONE"):
+        return f"DiffusionDirectionality {h.diffusion_directionality} (diffusion-weighted)"
+    if h.diffusion_sequence:
+        return "MR Diffusion Sequence present (diffusion acquisition)"
+    return None
+
+
+def _several_per_position(h: SeriesHeader) -> str | None:
+    n = h.images_per_position
+    if n is not None and n > 1:
+        return f"{n:g} images per slice position (b-values, echoes or phases in one series)"
+    return None
 
 
 def _acquisition_contrast(h: SeriesHeader) -> str | None:
@@ -183,6 +197,7 @@ _EXCLUSIONS: tuple[Callable[[SeriesHeader], str | None], ...] = (
     _not_magnitude,
     _echo_planar,
     _diffusion,
+    _several_per_position,
     _acquisition_contrast,
     _angio,
     _multi_phase,

@@ -5,9 +5,11 @@ Untrusted input: a missing or malformed value becomes ``None`` (or ``()``), neve
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
-from collections.abc import Iterator
+import struct
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +59,11 @@ class SeriesHeader:
     complex_image_component: str | None = None
     angio: bool | None = None
     diffusion_b_value: float | None = None
+    # DiffusionDirectionality (0018,9075) or the MR Diffusion Sequence (0018,9117) present anywhere.
+    diffusion_directionality: str | None = None
+    diffusion_sequence: bool = False
+    # Series level (see :func:`header_from_series`): instances per distinct ImagePositionPatient.
+    images_per_position: float | None = None
     temporal_positions: int | None = None
     rows: int | None = None
     columns: int | None = None
@@ -96,6 +103,7 @@ _MACRO = {
     "InversionRecovery": "MRModifierSequence",
     "InversionTimes": "MRModifierSequence",
     "DiffusionBValue": "MRDiffusionSequence",
+    "DiffusionDirectionality": "MRDiffusionSequence",
     "FrameType": "MRImageFrameTypeSequence",
     "AcquisitionContrast": "MRImageFrameTypeSequence",
     "ComplexImageComponent": "MRImageFrameTypeSequence",
@@ -104,7 +112,8 @@ _MACRO = {
     "ContrastBolusAgentAdministered": "ContrastBolusUsageSequence",
 }
 # What pydicom raises while converting a malformed stored value.
-_BAD_VALUE = (ValueError, TypeError, OverflowError, AttributeError, KeyError, IndexError, BytesLengthException)
+_BAD_VALUE = (ValueError, TypeError, OverflowError, AttributeError, KeyError, IndexError, BytesLengthException,
+              NotImplementedError)
 
 
 def _get(ds: Any, keyword: str) -> Any:
@@ -203,7 +212,7 @@ def header_from_dataset(ds: pydicom.Dataset, n_instances: int = 1) -> SeriesHead
     for item in _items(ds, "ContrastBolusAgentSequence")[:1]:
         agent = agent or _text(_get(item, "CodeMeaning")) or _text(_get(item, "CodeValue"))
     administered = {v for v in (_yes_no(x) for x in _values(ds, "ContrastBolusAgentAdministered")) if v is not None}
-    b_values = [b for b in (_number(v) for v in _values(ds, "DiffusionBValue")) if b is not None]
+    b_values = _b_values(ds)
     flags = [_yes_no(_get(ds, k)) for k in ("AngioFlag", "PhaseContrast", "TimeOfFlightContrast")]
     asl = _code(_get(ds, "ArterialSpinLabelingContrast"))
     image_type = _tokens(_get(ds, "ImageType")) or _tokens(_first(ds, "FrameType"))
@@ -241,6 +250,11 @@ def header_from_dataset(ds: pydicom.Dataset, n_instances: int = 1) -> SeriesHead
         complex_image_component=_code(_first(ds, "ComplexImageComponent")),
         angio=True if True in flags or asl not in (None, "NONE") else None,
         diffusion_b_value=max(b_values) if b_values else None,
+        diffusion_directionality=_code(_first(ds, "DiffusionDirectionality")),
+        diffusion_sequence=bool(_items(ds, "MRDiffusionSequence")) or any(
+            _items(g, "MRDiffusionSequence")
+            for g in _items(ds, "SharedFunctionalGroupsSequence") + _items(ds, "PerFrameFunctionalGroupsSequence")[:1]
+        ),
         temporal_positions=_int(_get(ds, "NumberOfTemporalPositions")),
         rows=_int(_get(ds, "Rows")),
         columns=_int(_get(ds, "Columns")),
@@ -248,4 +262,89 @@ def header_from_dataset(ds: pydicom.Dataset, n_instances: int = 1) -> SeriesHead
         slice_thickness=_number(_first(ds, "SliceThickness")),
         n_instances=n_instances,
         number_of_frames=_int(_get(ds, "NumberOfFrames")),
+    )
+
+
+# Vendor private b-values (group, private creator, element offset): Siemens CSA "B_value",
+# GE "Slop_int_6" (the b-value, sometimes plus 10^9), Philips "Diffusion B-Factor".
+_PRIVATE_B_VALUES = (
+    (0x0019, "SIEMENS MR HEADER", 0x0C),
+    (0x0043, "GEMS_PARM_01", 0x39),
+    (0x2001, "Philips Imaging DD 001", 0x03),
+)
+_GE_B_OFFSET = 1e9
+
+
+def _private(ds: pydicom.Dataset, group: int, creator: str, offset: int) -> Any:
+    """A private element's value under its creator (PS3.5 7.8.1), or None; raw bytes of FL/FD decoded."""
+    try:
+        value = ds.private_block(group, creator)[offset].value
+    except Exception:  # noqa: BLE001 - absent, or undecodable (e.g. an unknown VR): no value
+        return None
+    if isinstance(value, bytes):  # VR unknown to pydicom: text (IS/DS) or little-endian FL/FD
+        text = _number(value.decode("latin-1").strip("\x00 ").split("\\")[0])
+        if text is None and len(value) in (4, 8):
+            return struct.unpack("<f" if len(value) == 4 else "<d", value)[0]
+        return text
+    return value
+
+
+def _b_values(ds: pydicom.Dataset) -> list[float]:
+    """Every b-value the instance records: DiffusionBValue (0018,9087) and the vendors' private tags."""
+    out = [b for b in (_number(v) for v in _values(ds, "DiffusionBValue")) if b is not None]
+    for group, creator, offset in _PRIVATE_B_VALUES:
+        b = _number(_private(ds, group, creator, offset))
+        if b is not None:
+            out.append(b - _GE_B_OFFSET if b >= _GE_B_OFFSET else b)
+    return out
+
+
+def _position(item: Any) -> tuple[float, ...] | None:
+    values = [_signed(v) for v in _tokens(_get(item, "ImagePositionPatient"))]
+    if len(values) != 3 or any(v is None for v in values):
+        return None
+    return tuple(round(float(v), 1) for v in values if v is not None)
+
+
+def _positions(ds: pydicom.Dataset) -> list[tuple[float, ...] | None]:
+    """ImagePositionPatient of each frame: Enhanced MR's Plane Position Sequence, else the top level."""
+    frames = _items(ds, "PerFrameFunctionalGroupsSequence")
+    if not frames:
+        return [_position(ds)]
+    return [next((_position(i) for i in _items(fg, "PlanePositionSequence")), None) for fg in frames]
+
+
+def _signed(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def header_from_series(datasets: Sequence[pydicom.Dataset]) -> SeriesHeader:
+    """The header of a whole series: the first instance's, plus what only the series shows.
+
+    Diffusion hides in a series whose first image is b = 0 (Philips writes b = 0 and b = 1000
+    images at each position of one series) and whose description a de-identifier removed
+    (PS3.15 E.1): so the largest b-value of *any* instance is kept, and the number of
+    instances per distinct ImagePositionPatient (PS3.3 C.7.6.2.1.1) is counted; more than
+    one image per position means b-values, echoes or phases share the series.
+
+    Parameters
+    ----------
+    datasets
+        Every instance of one series (headers are enough), at least one.
+
+    Returns
+    -------
+    SeriesHeader
+    """
+    header = header_from_dataset(datasets[0], n_instances=len(datasets))
+    b_values = [b for ds in datasets for b in _b_values(ds)]
+    positions = [p for ds in datasets for p in _positions(ds)]
+    known = [p for p in positions if p is not None]
+    per_position = len(known) / len(set(known)) if known and len(known) == len(positions) else None
+    return dataclasses.replace(
+        header, diffusion_b_value=max(b_values) if b_values else None, images_per_position=per_position
     )

@@ -41,6 +41,8 @@ from dmg_node.records import (
     JobState,
     OutboxItem,
     OutboxState,
+    RtStructKey,
+    RtStructRecord,
     StoreOutcome,
     StudyRow,
 )
@@ -48,7 +50,8 @@ from dmg_node.records import (
 log = structlog.get_logger(__name__)
 
 _UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Version 2 added ``rtstructs``; its CREATE TABLE IF NOT EXISTS upgrades a version-1 index in place.
 #: Held (flock) by the node that owns the spool; see :meth:`Spool.claim_ownership`.
 OWNER_LOCK = "node.lock"
 #: The SQLite index under ``storage.root``; its presence is what makes a folder a spool.
@@ -112,6 +115,18 @@ CREATE TABLE IF NOT EXISTS outbox (
     sent_at REAL,
     UNIQUE (sop_instance_uid, destination)
 );
+CREATE TABLE IF NOT EXISTS rtstructs (  -- one RTSTRUCT per (series, its instances, model version)
+    source_series_uid TEXT NOT NULL,
+    model TEXT NOT NULL,
+    model_version TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,     -- sha256 of the sorted SOP Instance UIDs it was built from
+    study_instance_uid TEXT NOT NULL,
+    sop_instance_uid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    job_id INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (source_series_uid, model, model_version, fingerprint)
+);
 """
 
 
@@ -137,10 +152,21 @@ class Spool:
             self._db.execute("PRAGMA busy_timeout=10000")
             self._db.executescript(_SCHEMA)
             self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            self._migrate()
         except (OSError, sqlite3.Error) as exc:
             raise SpoolError(f"cannot open spool at {self.root}: {exc}") from exc
         self._lock = threading.Lock()
         self._owner_fd: int | None = None
+
+    def _migrate(self) -> None:
+        """Bring an older index up to :data:`SCHEMA_VERSION` in place (tables were added by _SCHEMA)."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        found = int(row[0]) if row and str(row[0]).isdigit() else 0
+        if found > SCHEMA_VERSION:
+            raise SpoolError(f"spool index schema version {found} is newer than this dmg-node's {SCHEMA_VERSION}")
+        if found < SCHEMA_VERSION:
+            self._db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+            log.info("spool_index_migrated", from_version=found, to_version=SCHEMA_VERSION)
 
     def close(self) -> None:
         with self._lock:
@@ -391,6 +417,12 @@ class Spool:
             db.execute("UPDATE jobs SET state = ?, updated_at = ?, error = ? WHERE id = ?",
                        (str(state), now, error, job_id))
 
+    def requeue_job(self, job_id: int, now: float, reason: str) -> None:
+        """Put a running job back to pending without counting the attempt (the node is stopping)."""
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET state = 'pending', attempts = MAX(attempts - 1, 0), updated_at = ?, error = ?"
+                       " WHERE id = ? AND state = 'running'", (now, reason, job_id))
+
     def jobs(self, limit: int = 50) -> list[dict[str, Any]]:
         rows = self._query(
             "SELECT id, study_instance_uid, state, attempts, created_at, updated_at, error FROM jobs"
@@ -417,19 +449,51 @@ class Spool:
     # -- outbox --------------------------------------------------------------------------------
 
     def add_outbox(self, job_id: int, study_uid: str, source_series_uid: str, sop_uid: str, data: bytes,
-                   destinations: list[str], now: float) -> Path:
-        """Write an RTSTRUCT durably and queue it for each destination (idempotent per SOP UID)."""
+                   destinations: list[str], now: float, *, key: RtStructKey | None = None) -> Path:
+        """Write an RTSTRUCT durably and queue it for each destination (idempotent per SOP UID).
+
+        With *key*, the RTSTRUCT is recorded as made from it in the same transaction as its outbox
+        rows: a job that reruns after a crash finds it (:meth:`rtstructs_for`) and never makes a
+        second one with another SOP Instance UID (issue 19 item 9).
+        """
         path = self.root / "outbox" / str(job_id) / f"{safe_component(sop_uid)}.dcm"
         atomic_write(path, data, sync=self.fsync)
         rel = str(path.relative_to(self.root))
         with self._tx() as db:
-            for dest in destinations:
+            self._queue(db, job_id, study_uid, source_series_uid, sop_uid, rel, destinations, now)
+            if key is not None:
                 db.execute(
-                    "INSERT OR IGNORE INTO outbox (job_id, study_instance_uid, source_series_uid, sop_instance_uid,"
-                    " path, destination, state, next_try_at, created_at) VALUES (?,?,?,?,?,?,'pending',?,?)",
-                    (job_id, study_uid, source_series_uid, sop_uid, rel, dest, now, now),
+                    "INSERT OR REPLACE INTO rtstructs VALUES (?,?,?,?,?,?,?,?,?)",
+                    (key.source_series_uid, key.model, key.model_version, key.fingerprint, study_uid, sop_uid, rel,
+                     job_id, now),
                 )
         return path
+
+    @staticmethod
+    def _queue(db: sqlite3.Connection, job_id: int, study_uid: str, source_series_uid: str, sop_uid: str,
+               rel: str, destinations: list[str], now: float) -> None:
+        for dest in destinations:
+            db.execute(
+                "INSERT OR IGNORE INTO outbox (job_id, study_instance_uid, source_series_uid, sop_instance_uid,"
+                " path, destination, state, next_try_at, created_at) VALUES (?,?,?,?,?,?,'pending',?,?)",
+                (job_id, study_uid, source_series_uid, sop_uid, rel, dest, now, now),
+            )
+
+    def rtstructs_for(self, source_series_uid: str, fingerprint: str) -> list[RtStructRecord]:
+        """RTSTRUCTs already made from exactly these instances of the series (any model), whose file exists."""
+        rows = self._query(
+            "SELECT model, model_version, sop_instance_uid, path FROM rtstructs"
+            " WHERE source_series_uid = ? AND fingerprint = ? ORDER BY created_at",
+            (source_series_uid, fingerprint),
+        )
+        return [RtStructRecord(r[0], r[1], r[2], self.root / r[3]) for r in rows if (self.root / r[3]).is_file()]
+
+    def requeue_rtstruct(self, job_id: int, study_uid: str, source_series_uid: str, rec: RtStructRecord,
+                         destinations: list[str], now: float) -> None:
+        """Queue an existing RTSTRUCT for any destination that does not have it yet (same SOP Instance UID)."""
+        with self._tx() as db:
+            self._queue(db, job_id, study_uid, source_series_uid, rec.sop_instance_uid,
+                        str(rec.path.relative_to(self.root)), destinations, now)
 
     def due_outbox(self, now: float, destination: str | None = None, limit: int = 20) -> list[OutboxItem]:
         sql = ("SELECT id, job_id, study_instance_uid, source_series_uid, sop_instance_uid, path, destination,"
@@ -453,6 +517,11 @@ class Spool:
                 " next_try_at = ?, sent_at = CASE WHEN ? = 'sent' THEN ? ELSE sent_at END WHERE id = ?",
                 (str(state), status, error, next_try_at, str(state), now, item_id),
             )
+
+    def pending_outbox(self) -> dict[str, int]:
+        """RTSTRUCTs not yet acknowledged, per destination."""
+        rows = self._query("SELECT destination, COUNT(*) FROM outbox WHERE state = 'pending' GROUP BY destination")
+        return {str(r[0]): int(r[1]) for r in rows}
 
     def outbox(self, limit: int = 50) -> list[dict[str, Any]]:
         rows = self._query(
@@ -485,7 +554,7 @@ class Spool:
         paths += [r[0] for r in self._query("SELECT DISTINCT path FROM outbox WHERE study_instance_uid = ?",
                                             (study_uid,))]
         with self._tx() as db:
-            for table in ("instances", "series", "outbox", "jobs", "studies"):
+            for table in ("instances", "series", "outbox", "rtstructs", "jobs", "studies"):
                 db.execute(f"DELETE FROM {table} WHERE study_instance_uid = ?", (study_uid,))  # noqa: S608
         removed = 0
         keep = {self.root, self.root / "studies", self.root / "outbox"}
