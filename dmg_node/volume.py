@@ -31,6 +31,10 @@ message names the rule and the value found):
   then ``n`` times the mean gap (Slice Thickness is ignored: it is not the spacing).
 * Each slice origin lies on the line through the first one along ``n`` within a tenth of the
   smallest pixel spacing (sheared stacks cannot be written with this affine).
+
+One module because these rules share the frame records they check, and every stage after this
+one relies on the conventions above holding together; the decoding of pixel data is the small
+rest.
 """
 
 from __future__ import annotations

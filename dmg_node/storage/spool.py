@@ -13,6 +13,10 @@ the index runs with ``synchronous=NORMAL``). Layout under ``storage.root``::
 UIDs become path components only when they are valid DICOM UIDs (PS3.5 9.1); anything else
 (``../``, letters, over 64 characters) is stored under a hashed name, so no input can write outside
 the spool. The true UIDs are kept in the index.
+
+One module because it is one class over one SQLite connection and one lock: every method is one
+short transaction that orders a file write before its index row, and splitting it by table would
+hand the connection, the lock and that ordering rule around.
 """
 
 from __future__ import annotations
