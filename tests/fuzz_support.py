@@ -1,4 +1,4 @@
-"""Bad-input helpers for tests/test_reliability.py: encode, mutate and send raw C-STORE data sets.
+"""Bad-input helpers for tests/system/test_reliability.py: encode, mutate and send raw C-STORE data sets.
 
 A broken or hostile sender can truncate a data set, lie in a length field, send a wrong or unknown
 VR, leave out UIDs, put path tricks into UIDs, or send a SOP Class other than the presentation

@@ -24,7 +24,7 @@ from tests.support import LOCALHOST, free_port, require_tool, running_node, runn
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # Regression floors for the demo weights on one small (2 mm) phantom through the whole loop, on
 # the DICOM grids; measured here: T2 0.80, FLAIR 0.86, T1C 0.58. docs/model.md has the held-out
 # figures (T1C is the weakest demo model on coarse grids).

@@ -518,7 +518,7 @@ def test_association_limit_refuses_the_excess_cleanly(
 
 
 # -- 5. access ---------------------------------------------------------------------------------
-# A caller outside allowed_calling_aets is refused: tests/test_receive.py::test_calling_aet_allow_list
+# A caller outside allowed_calling_aets is refused: tests/system/test_receive.py::test_calling_aet_allow_list
 # (and test_serve.py::test_duplicate_and_rejected_caller); a wrong called AE title is refused by
 # default: test_receive.py::test_wrong_called_aet_rejected.
 

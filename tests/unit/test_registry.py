@@ -18,8 +18,8 @@ from dmg_node.segment.manifest import DEMO_USE, TORCH_WEIGHTS
 from dmg_node.segment.network import Generator
 from dmg_node.segment.preprocess import PreprocessConfig
 from tests.support import LOCALHOST, free_port
-from tests.test_infer import TINY
-from tests.test_preprocess import oblique_head
+from tests.unit.test_infer import TINY
+from tests.unit.test_preprocess import oblique_head
 
 
 def _model(folder: Path, *, sequence: str = "t2", version: str = "1.0.0", max_spacing_mm: float | None = None) -> Path:

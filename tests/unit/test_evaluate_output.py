@@ -11,7 +11,7 @@ from dmg_node.cli import main
 from dmg_node.phantoms.phantom import StudyManifest, make_case, write_dicom_study
 from tests.support import node_config
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from dmg_node.segment.manifest import ONNX_WEIGHTS, TORCH_WEIGHTS, load_manifest
 from dmg_node.segment.network import Discriminator, Generator, GeneratorConfig
 from dmg_node.segment.preprocess import PreprocessConfig
 from dmg_node.training.train import GanStep, TrainSettings, train
-from tests.test_data import write_blob_case
+from tests.unit.test_data import write_blob_case
 
 TINY = GeneratorConfig(channels=(4, 8, 8, 8, 8), aspp_dilations=(1, 2))
 # A coarse grid keeps the blob volumes (and so validation) small.

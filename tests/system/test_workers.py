@@ -41,7 +41,7 @@ def _failing_once(real: Any, times: int) -> Any:
 def test_assembler_and_job_threads_survive_a_full_index(tmp_path: Path) -> None:
     """enqueue, claim_job and finish_job failing (SQLITE_FULL) are logged as worker_error; the
     threads stay alive and the study is processed once the index can be written again."""
-    from tests.test_spool import _rec
+    from tests.unit.test_spool import _rec
 
     node = Node(_settings(tmp_path), models={})
     node.spool.enqueue = _failing_once(node.spool.enqueue, 2)  # type: ignore[method-assign]

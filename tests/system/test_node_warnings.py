@@ -15,7 +15,7 @@ from dmg_node.net.scu import store_files
 from dmg_node.node import Node
 from tests.support import LOCALHOST, free_port, running_node, write_series
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_no_model_is_a_warning_at_start_and_when_a_job_ends(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from dmg_node.storage.dropfolder import scan
 from dmg_node.storage.spool import Spool
 from tests.support import DCMTK, LOCALHOST, dcmtk_env, running_node, write_series
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_systemd_unit_verifies(tmp_path: Path) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
 import time
 from pathlib import Path
 
@@ -16,11 +15,9 @@ import pytest
 from pydicom.dataset import Dataset
 from scipy import ndimage
 
-from dmg_node.classify import compile_rules, classify, header_from_dataset
+from dmg_node.classify import classify, compile_rules, header_from_dataset
 from dmg_node.dicomfiles import read_datasets
-from dmg_node.rtstruct import read_roi_mask
 from dmg_node.phantoms import phantom
-from dmg_node.training.data import read_nifti
 from dmg_node.phantoms.phantom import (
     RAS_TO_LPS,
     PhantomCase,
@@ -30,8 +27,9 @@ from dmg_node.phantoms.phantom import (
     write_dicom_study,
     write_nifti_case,
 )
+from dmg_node.rtstruct import read_roi_mask
+from dmg_node.training.data import read_nifti
 from dmg_node.volume import Volume, build_volume
-from tests.support import require_tool
 
 RES = 2.0  # test-size case grid
 SEEDS = {"pons": 3, "medulla": 2, "thalamus_left": 19}  # what these seeds draw (checked below)
@@ -295,14 +293,6 @@ def test_manifest_describes_the_study(study: StudyManifest) -> None:
         assert entry["tumour_volume_ml"] > 0 and entry["rtstruct"] is None
 
 
-@pytest.mark.parametrize("sequence", ["t2", "t1c"])
-def test_dciodvfy_finds_no_errors(study: StudyManifest, sequence: str) -> None:
-    """dciodvfy (dicom3tools) reports no errors for a generated MR instance (warnings are allowed)."""
-    entry = next(s for s in study.series if s.sequence == sequence)
-    path = sorted((study.study_dir / entry.folder).glob("*.dcm"))[0]
-    result = subprocess.run([require_tool("dciodvfy"), str(path)], capture_output=True, text=True, timeout=60)
-    assert "Error" not in result.stderr + result.stdout, result.stderr
-    assert result.returncode == 0
 
 
 def test_reference_rtstruct_holds_the_truth(case: PhantomCase, tmp_path: Path) -> None:

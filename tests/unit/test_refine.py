@@ -16,7 +16,7 @@ from dmg_node.segment.infer import PostprocessConfig, Segmenter
 from dmg_node.segment.manifest import Manifest, load_manifest, write_manifest
 from dmg_node.segment.preprocess import Prepared, prepare
 from dmg_node.segment.refine import GrowConfig, ball, grow_mask
-from tests.test_infer import tiny_model  # noqa: F401  (fixture)
+from tests.unit.test_infer import tiny_model  # noqa: F401  (fixture)
 
 BRAIN, TUMOUR, CSF = 450.0, 800.0, 1000.0
 # The mechanics are tested with a window wide enough that white noise leaves no holes in the
@@ -167,7 +167,7 @@ def test_segmenter_applies_the_manifests_growth_unless_turned_off(tiny_model: Pa
 def test_evaluate_report_says_whether_growth_was_applied(tiny_model: Path, tmp_path: Path) -> None:  # noqa: F811
     """The report names the growth settings it used, or that they were turned off (--no-grow)."""
     from dmg_node.training.evaluate import evaluate
-    from tests.test_data import write_blob_case
+    from tests.unit.test_data import write_blob_case
 
     write_manifest(tiny_model, dataclasses.replace(load_manifest(tiny_model), grow=CONFIG))
     write_blob_case(tmp_path / "data", "B0", 0)

@@ -39,11 +39,11 @@ from dmg_node.segment.manifest import (
 from dmg_node.segment.network import Generator, GeneratorConfig
 from dmg_node.phantoms.phantom import PhantomCase, make_case
 from dmg_node.segment.preprocess import PreprocessConfig, prepare
-from tests.test_data import write_blob_case
-from tests.test_preprocess import TUMOUR_CENTRE, oblique_head
+from tests.unit.test_data import write_blob_case
+from tests.unit.test_preprocess import TUMOUR_CENTRE, oblique_head
 
 TINY = GeneratorConfig(channels=(4, 8, 8, 8, 8), aspp_dilations=(1, 2))
-MODELS = Path(__file__).resolve().parents[1] / "models"
+MODELS = Path(__file__).resolve().parents[2] / "models"
 # Regression floors for the demo models on two fresh 1.5 mm phantoms (measured there: T1C
 # 0.81/0.79, T1C-3D 0.82/0.69, T2 0.83/0.89, T2-3D 0.88/0.94 (0.86/0.94 without its growth), FLAIR 0.91/0.94; 9002 is a
 # non-enhancing tumour, the kind demo-t1c-3d under-segments). The targets of docs/model.md (T2/FLAIR

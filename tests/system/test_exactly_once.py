@@ -15,7 +15,7 @@ from dmg_node.config import Destination
 from dmg_node.net.scu import store_files
 from dmg_node.phantoms.phantom import StudyManifest, make_case, write_dicom_study
 from tests.support import LOCALHOST, running_node, running_storescp
-from tests.test_loop import _routed, models_dir
+from tests.system.test_loop import _routed, models_dir
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 

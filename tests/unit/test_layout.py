@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent.parent / "dmg_node"
+PACKAGE = Path(__file__).resolve().parents[2] / "dmg_node"
 
 # Stages in data-flow order; a module may import its own stage, earlier stages and the base.
 BASE = {"errors", "logs", "metrics", "fsutil", "config", "records", "dicomfiles", "watch", "classify.rules", "classify.patterns"}
