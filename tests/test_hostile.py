@@ -7,8 +7,9 @@ on both receive paths: the pynetdicom 3.0 fast path and stock pynetdicom (``node
 
 from __future__ import annotations
 
-import contextlib
 import struct
+import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -26,7 +27,7 @@ from dmg_node.net import compat
 from dmg_node.net.scp import Receiver
 from dmg_node.net.status import StoreStatus
 from tests import rawdicom
-from tests.support import LOCALHOST, mr_dataset, running_node, running_receiver
+from tests.support import LOCALHOST, mr_dataset, running_node, running_receiver, stop_process
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(120)]
 
@@ -364,86 +365,60 @@ def test_the_installed_pynetdicom_is_a_tested_one(tmp_path: Path, fast_path: boo
         assert isinstance(rx, Receiver)
 
 
+def test_each_connection_gets_its_own_copy_of_the_contexts_cheaply() -> None:
+    """CheapCopyContexts gives what deepcopy gave (pynetdicom copies them per connection), in ~1 ms."""
+    import copy
+
+    from dmg_node import config
+    from dmg_node.net.gate import CheapCopyContexts
+
+    contexts = Receiver._build_ae(config.from_dict({})).supported_contexts
+    cheap = CheapCopyContexts(contexts)
+    t0 = time.perf_counter()
+    ours = copy.deepcopy(cheap)
+    took = time.perf_counter() - t0
+    assert [vars(a) for a in ours] == [vars(b) for b in copy.deepcopy(contexts)]
+    ours[0].context_id = 99
+    ours[0]._transfer_syntax.append("1.2.3")
+    assert contexts[0].context_id is None and "1.2.3" not in contexts[0].transfer_syntax
+    assert took < 0.05
+
+
 # -- items 1-4 at once, against `dmg-node serve` ----------------------------------------------------------
-
-
-def _attack(port: int, source: str, stop: threading.Event, errors: list[str]) -> None:
-    """One hostile peer: 4 GiB headers, a stalled P-DATA, half-open connections, endless fragments."""
-    sop_class, sop_uid, _ = _instance(7)
-    endless = None
-    held: list[rawdicom.RawAssociation] = []
-    try:
-        endless = rawdicom.RawAssociation(port, source=source)
-        if endless.associate() != 2:
-            errors.append(f"{source}: endless-fragment association refused")
-            return
-        endless.send(rawdicom.p_data(1, 3, rawdicom.c_store_rq(1, sop_class, sop_uid)))
-        fragment = rawdicom.p_data(1, 0, b"\x00" * 16000)
-        while not stop.is_set():
-            for pdu_type in (1, 4):  # item 1
-                with contextlib.suppress(OSError):
-                    c = rawdicom.RawAssociation(port, source=source)
-                    c.send(struct.pack(">BBI", pdu_type, 0, 0xFFFFFFFF))
-                    held.append(c)
-            with contextlib.suppress(OSError):  # item 2
-                c = rawdicom.RawAssociation(port, source=source)
-                if c.associate() == 2:
-                    c.send(struct.pack(">BBI", 4, 0, 1000) + b"\x00" * 10)
-                held.append(c)
-            for _ in range(20):  # item 3
-                with contextlib.suppress(OSError):
-                    c = rawdicom.RawAssociation(port, source=source)
-                    c.send(rawdicom.associate_rq()[:40])
-                    held.append(c)
-            for _ in range(200):  # item 4: ~3 MB per round
-                endless.send(fragment)
-            if len(held) > 400:
-                for c in held[:200]:
-                    c.close()
-                del held[:200]
-            stop.wait(0.05)
-    except OSError as exc:
-        if not stop.is_set():
-            errors.append(f"{source}: {exc}")
-    finally:
-        for c in held:
-            c.close()
-        if endless is not None:
-            endless.close()
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("fast", [True, False], ids=["fast_path", "stock"])
 def test_four_hostile_peers_cost_under_500_mb_and_echo_stays_under_1_s(tmp_path: Path, fast: bool) -> None:
-    """Attacks 1-4 from four peer addresses at once for ~20 s against `dmg-node serve`: a fifth
-    caller's C-ECHO answers in under 1 s every time and the node's RSS grows by less than 500 MB."""
+    """Attacks 1-4 from four peer addresses at once for 20 s against `dmg-node serve`
+    (tests/hostile_peers.py, a separate process): a C-ECHO from a fifth address (association
+    included) answers in under 1 s every time, and the node's RSS grows by less than 500 MB."""
     node = {"fast_path": fast, "pdu_timeout": 2.0, "acse_timeout": 5.0, "max_instance_mb": 32}
     with running_node(tmp_path / "node", node=node) as n:
         pid = str(n.proc.pid)
+        quiet = sorted(echo_seconds(n.port) for _ in range(5))
         rss0 = _status_mb(pid, "VmRSS")
-        stop = threading.Event()
-        errors: list[str] = []
-        attackers = [threading.Thread(target=_attack, args=(n.port, src, stop, errors), daemon=True)
-                     for src in ATTACKERS]
-        for t in attackers:
-            t.start()
+        peers = subprocess.Popen([sys.executable, "-m", "tests.hostile_peers", str(n.port), "20", *ATTACKERS],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         echoes = []
         try:
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline:
-                time.sleep(1.0)
+            time.sleep(2.0)
+            while peers.poll() is None:
                 echoes.append(echo_seconds(n.port))
+                time.sleep(0.5)
+            report = peers.communicate(timeout=60)[0]
         finally:
-            stop.set()
-            for t in attackers:
-                t.join(30)
+            if peers.poll() is None:
+                stop_process(peers)
         peak = _status_mb(pid, "VmHWM")
         events = {e.get("event") for e in n.events()}
     grown = peak - rss0
-    print(f"fast_path={fast}: echo max {max(echoes):.3f} s median {sorted(echoes)[len(echoes) // 2]:.3f} s, "
-          f"RSS {rss0:.0f} -> peak {peak:.0f} MB (+{grown:.0f})")
-    assert not errors, errors
-    assert max(echoes) < 1.0, echoes
+    load = Path("/proc/loadavg").read_text().split()[0]
+    print(f"fast_path={fast}: quiet echo median {quiet[2]:.3f} s; under attack {len(echoes)} echoes, max "
+          f"{max(echoes):.3f} s, median {sorted(echoes)[len(echoes) // 2]:.3f} s; RSS {rss0:.0f} -> peak {peak:.0f} MB "
+          f"(+{grown:.0f}); load average {load}; {report}")
+    assert peers.returncode == 0, report
+    assert len(echoes) >= 10 and max(echoes) < 1.0, echoes
     assert grown < 500, f"+{grown:.0f} MB"
-    assert {"pdu_refused", "connection_refused"} <= events
+    assert {"pdu_refused", "pdu_incomplete", "connection_refused"} <= events

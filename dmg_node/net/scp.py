@@ -105,7 +105,9 @@ class Receiver:
         node = settings.node
         self.pdu_limits = pdu_reader.limits_for(node.pdu_timeout, node.maximum_pdu_size, node.max_instance_mb * _MIB)
         self.gate = ConnectionGate(node.max_pending_connections, node.max_pending_per_peer)
-        self.ae = self._build_ae(settings, admitting=self.fast_path)
+        # fair admission is no speed-up: it applies wherever the guards do (half-open connections
+        # would otherwise count against maximum_associations in pynetdicom's own check)
+        self.ae = self._build_ae(settings, admitting=self.guarded)
         self.ae.gate = self.gate
         self._server: Any = None
         self._stats: dict[int, _AssocStats] = {}
