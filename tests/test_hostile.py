@@ -59,9 +59,9 @@ def _store(a: rawdicom.RawAssociation, message_id: int = 1, index: int = 0) -> i
     return a.response_status()
 
 
-def echo_seconds(port: int, source: str = LOCALHOST) -> float:
+def echo_seconds(port: int, source: str = LOCALHOST, calling: str = "ECHOER") -> float:
     """Seconds for a pynetdicom C-ECHO from *source*, association included (inf if refused)."""
-    ae = AE(ae_title="ECHOER")
+    ae = AE(ae_title=calling)
     ae.add_requested_context("1.2.840.10008.1.1")
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
     t0 = time.monotonic()
@@ -338,6 +338,45 @@ def test_control_characters_in_the_calling_ae_title_are_rejected(tmp_path: Path,
             assert a.associate(calling=b"SCANNER") == 2
     if answer == 3:
         assert any(e["event"] == "association_rejected" and "control characters" in e["reason"] for e in logs)
+
+
+# -- item 7: hot reload never applies an empty or half-written file ---------------------------------------
+
+
+@pytest.mark.slow
+def test_an_empty_or_half_written_config_is_never_applied(tmp_path: Path) -> None:
+    """An empty node.toml (an editor truncating it) is refused and the allow-list stays; a file
+    written in two halves is applied only whole; emptying the allow-list on purpose is applied
+    with a warning that names it, and dropping a destination is named too."""
+    dest = {"name": "tps", "ae_title": "TPS", "host": LOCALHOST, "port": 9}
+    with running_node(tmp_path / "node", access={"allowed_calling_aets": ["PACS"]}, destinations=[dest]) as n:
+        full = n.config_path.read_text()
+        n.config_path.write_text("")
+        refused = n.wait_event("config_reload_refused", timeout=40)
+        assert refused["reason"] == "the file is empty"
+        assert echo_seconds(n.port, calling="SCANNER") == float("inf")
+        assert echo_seconds(n.port, calling="PACS") < 5
+
+        # written in two parts 0.2 s apart: the first part alone (no [access], no destination) parses
+        cut = full.index("[access]")
+        n.config_path.write_text(full[:cut])
+        time.sleep(0.2)
+        n.config_path.write_text(full)
+        time.sleep(3.0)
+        assert echo_seconds(n.port, calling="SCANNER") == float("inf")
+
+        n.config_path.write_text(full.replace('allowed_calling_aets = ["PACS"]', "allowed_calling_aets = []"))
+        widened = n.wait_event("config_access_widened", timeout=40)
+        assert any("allowed_calling_aets emptied" in c for c in widened["changes"])
+        assert echo_seconds(n.port, calling="SCANNER") < 5
+
+        n.config_path.write_text(full[:full.index("[[destinations]]")])
+        removed = n.wait_event("config_destinations_removed", timeout=40)
+        assert removed["destinations"] == ["tps"]
+        events = n.events()
+    # the half-written file was never applied: no widening before the deliberate one
+    first_widening = next(i for i, e in enumerate(events) if e.get("event") == "config_access_widened")
+    assert not any(e.get("event") == "config_destinations_removed" for e in events[:first_widening])
 
 
 # -- item 8: the fast path only on the pynetdicom it was tested with ---------------------------------------

@@ -2,6 +2,9 @@
 
 The C-STORE handler checks the identifiers, writes the bytes as received into the spool (durably)
 and only then returns Success; every other outcome is a named failure status (PS3.4 B.2.3).
+Before any handler runs, unauthenticated input is bounded: connections not yet associated
+(:mod:`dmg_node.net.gate`), each PDU's size and time (:mod:`dmg_node.net.pdu_reader`), each
+message's size and UIDs (:mod:`dmg_node.net.dimse_guard`); docs/reliability.md has the figures.
 """
 
 from __future__ import annotations

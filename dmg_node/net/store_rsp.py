@@ -7,6 +7,8 @@ them directly (implicit VR little endian, as every command set is: PS3.7 6.3.1) 
 :func:`install` sends it as one P-DATA. Anything else (a failure status with its comment, a
 peer with a PDU too small for one fragment, a handler bound to ``EVT_DIMSE_SENT``) takes
 pynetdicom's own path. tests/test_store_rsp.py checks the bytes against pynetdicom's.
+:func:`response_command` and :func:`send_command` also serve :mod:`dmg_node.net.dimse_guard`, which
+answers a refused request itself (on both paths).
 """
 
 from __future__ import annotations
