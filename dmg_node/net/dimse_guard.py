@@ -11,8 +11,8 @@ values) was dropped with a log line and no response, so the sender waited for it
   dropped, and when its last fragment arrives the request is answered 0xA700 (out of resources)
   on the same association, which goes on serving;
 - a command set over :data:`MAX_COMMAND_BYTES` aborts the association (no SCU sends one);
-- a C-STORE-RQ whose Affected SOP Class or Instance UID is not one UID (PS3.5 9.1: digits and
-  dots, 1-64 characters, one value) is answered 0xC000 at once, without its UIDs.
+- a C-STORE-RQ whose Affected SOP Class or Instance UID is not one value (empty, a backslash,
+  control characters, non-ASCII) is answered 0xC000 at once, without its UIDs.
 
 The per-P-DATA cost is one pass over its PDVs (usually one) adding lengths.
 """
@@ -37,7 +37,10 @@ log = structlog.get_logger(__name__)
 #: A command set is a few hundred bytes (PS3.7 9.3); this is generous.
 MAX_COMMAND_BYTES = 1 << 16
 _C_STORE_RQ = 0x0001
-_UID_RE = re.compile(rb"[0-9.]{1,64}")
+# Liberal on purpose: a UID outside PS3.5 9.1 (letters, "../") was always stored, under a hashed
+# name (docs/reliability.md); what cannot be one value (a backslash, nothing, control characters,
+# non-ASCII) is refused.
+_UID_RE = re.compile(rb"[\x21-\x5b\x5d-\x7e]{1,256}")
 _TAG_SOP_CLASS = 0x0000_0002
 _TAG_SOP_INSTANCE = 0x0000_1000
 _TAG_COMMAND_FIELD = 0x0000_0100
@@ -100,7 +103,7 @@ def _checked_conversion(assoc: Any, message: Any, state: _Message, max_instance_
         class_uid = _uid(command, _TAG_SOP_CLASS)
         instance_uid = _uid(command, _TAG_SOP_INSTANCE)
         if class_uid is None or instance_uid is None:
-            status, reason = StoreStatus.CANNOT_UNDERSTAND, "Affected SOP Class/Instance UID is not one valid UID"
+            status, reason = StoreStatus.CANNOT_UNDERSTAND, "Affected SOP Class/Instance UID is not one UID value"
         elif state.dropping:
             status = StoreStatus.OUT_OF_RESOURCES
             reason = f"data set of {state.data_bytes} bytes is over node.max_instance_mb ({max_instance_bytes} bytes)"
@@ -129,7 +132,7 @@ def _value(command: Any, tag: int) -> int | None:
 
 
 def _uid(command: Any, tag: int) -> str | None:
-    """The UID at *tag* when it is one valid UID (PS3.5 9.1), else None."""
+    """The UID at *tag* when it is one printable ASCII value (see ``_UID_RE``), else None."""
     elem = command.get_item(tag)
     value = elem.value if elem is not None else None
     if isinstance(value, str):
