@@ -11,7 +11,7 @@ long as it likes (the network timeout only measures the silence *between* PDUs).
 - refuses a PDU whose declared length is over the limit for its type (an A-ASSOCIATE-RQ over
   :data:`MAX_ASSOCIATE_RQ`, a P-DATA-TF over the maximum length we announced, a release or abort
   PDU over a few bytes) before reading its body;
-- never holds more than twice what has arrived (plus :data:`FIRST_CHUNK`);
+- never holds more than twice what has arrived, or :data:`FIRST_CHUNK` if that is more;
 - gives the whole PDU, header included, ``deadline_seconds`` from its first byte.
 
 :func:`install` makes it an association's reader: a refused PDU is answered with an A-ABORT
@@ -45,8 +45,10 @@ MAX_ASSOCIATE_RQ = 1 << 20
 P_DATA_OVERHEAD = 1 << 16
 #: Release and abort PDUs are 4 bytes long after the header (PS3.8 9.3.6-9.3.8).
 _SHORT_PDU = 64
-#: The first read buffer of a PDU body; it then doubles as data arrives.
+#: The largest buffer allocated for a PDU before its bytes arrive; beyond, it doubles as they do.
 FIRST_CHUNK = 1 << 20
+#: The longest one read waits before the PDU's deadline is checked again.
+WAKE_SECONDS = 0.5
 #: PS3.8 Table 9-26: A-ABORT source 2 (service provider), reason 6 (invalid PDU parameter value).
 ABORT_INVALID_PARAMETER = bytes((0x07, 0x00, 0, 0, 0, 4, 0, 0, 0x02, 0x06))
 #: Offsets of the called and calling AE titles in an A-ASSOCIATE-RQ PDU (PS3.8 Table 9-11).
@@ -99,15 +101,18 @@ class PduLimits:
     deadline_seconds: float
     max_p_data: int
 
+    def __post_init__(self) -> None:
+        # a plain dict: this is looked up once per PDU on the receive path
+        by_type = {PduType.P_DATA_TF.value: self.max_p_data, PduType.ASSOCIATE_RQ.value: MAX_ASSOCIATE_RQ,
+                   PduType.ASSOCIATE_AC.value: MAX_ASSOCIATE_RQ}
+        by_type.update(dict.fromkeys((PduType.ASSOCIATE_RJ.value, PduType.RELEASE_RQ.value,
+                                      PduType.RELEASE_RP.value, PduType.ABORT.value), _SHORT_PDU))
+        object.__setattr__(self, "_by_type", by_type)
+
     def max_length(self, pdu_type: int) -> int | None:
         """The largest length *pdu_type* may declare; None for a type that does not exist."""
-        if pdu_type == PduType.P_DATA_TF:
-            return self.max_p_data
-        if pdu_type in (PduType.ASSOCIATE_RQ, PduType.ASSOCIATE_AC):
-            return MAX_ASSOCIATE_RQ
-        if pdu_type in (PduType.ASSOCIATE_RJ, PduType.RELEASE_RQ, PduType.RELEASE_RP, PduType.ABORT):
-            return _SHORT_PDU
-        return None
+        limit: int | None = self._by_type.get(pdu_type)  # type: ignore[attr-defined]
+        return limit
 
 
 def limits_for(deadline_seconds: float, maximum_pdu_size: int, max_instance_bytes: int) -> PduLimits:
@@ -116,8 +121,17 @@ def limits_for(deadline_seconds: float, maximum_pdu_size: int, max_instance_byte
     return PduLimits(deadline_seconds, max_p_data)
 
 
+def prepare(sock: socket.socket, limits: PduLimits) -> None:
+    """Give *sock* the read timeout :func:`recv_pdu` relies on (once per connection).
+
+    A fixed timeout, never changed per read: each ``recv_into`` waits at most
+    :data:`WAKE_SECONDS` for data, and :func:`recv_pdu` checks its deadline between reads.
+    """
+    sock.settimeout(min(limits.deadline_seconds, WAKE_SECONDS))
+
+
 def recv_pdu(sock: socket.socket, limits: PduLimits, clock: Callable[[], float] = time.monotonic) -> bytearray:
-    """Read one whole PDU (header included) from *sock*.
+    """Read one whole PDU (header included) from *sock* (set up by :func:`prepare`).
 
     Raises
     ------
@@ -126,47 +140,49 @@ def recv_pdu(sock: socket.socket, limits: PduLimits, clock: Callable[[], float] 
         body has not been read.
     PduIncomplete
         The peer closed the connection, or the PDU was not complete ``deadline_seconds`` after
-        its first byte.
+        its first byte (give or take :data:`WAKE_SECONDS`).
     OSError
         The connection broke.
     """
     deadline = clock() + limits.deadline_seconds
-    header = _read(sock, bytearray(6), 0, deadline, clock)
+    header = bytearray(6)
+    _fill(sock, header, 0, deadline, clock, 6)
     pdu_type, _, length = _HEADER.unpack(header)
     limit = limits.max_length(pdu_type)
     if limit is None or length > limit:
         raise PduRefused(pdu_type, length, limit or 0)
-    buffer = header
     total = 6 + length
-    while len(buffer) < total:
-        filled = len(buffer)
-        # grow with what arrives (at most doubling), never to what the peer merely declared
-        buffer.extend(bytes(min(total - filled, max(filled, FIRST_CHUNK))))
-        _read(sock, buffer, filled, deadline, clock, expected=total)
+    # one buffer of the PDU's size up to FIRST_CHUNK; beyond, it grows with what arrives (at most
+    # doubling), never to what the peer merely declared
+    buffer = bytearray(min(total, FIRST_CHUNK))
+    buffer[:6] = header
+    filled = _fill(sock, buffer, 6, deadline, clock, total)
+    while filled < total:
+        buffer.extend(bytes(min(total - filled, filled)))
+        filled = _fill(sock, buffer, filled, deadline, clock, total)
     return buffer
 
 
-def _read(sock: socket.socket, buffer: bytearray, start: int, deadline: float,
-          clock: Callable[[], float], expected: int | None = None) -> bytearray:
-    """Fill *buffer* from *start* to its end before *deadline*."""
+def _fill(sock: socket.socket, buffer: bytearray, filled: int, deadline: float,
+          clock: Callable[[], float], expected: int) -> int:
+    """Fill *buffer* from *filled* to its end before *deadline*; return its length."""
     view = memoryview(buffer)
-    filled = start
+    end = len(buffer)
     try:
-        while filled < len(buffer):
-            remaining = deadline - clock()
-            if remaining <= 0:
-                raise PduIncomplete(filled, expected or len(buffer), timed_out=True)
-            sock.settimeout(remaining)
+        while filled < end:
             try:
                 n = sock.recv_into(view[filled:])
             except TimeoutError:
-                raise PduIncomplete(filled, expected or len(buffer), timed_out=True) from None
-            if not n:
-                raise PduIncomplete(filled, expected or len(buffer), timed_out=False)
-            filled += n
+                n = -1
+            if n == 0:
+                raise PduIncomplete(filled, expected, timed_out=False)
+            if n > 0:
+                filled += n
+            if filled < end and clock() >= deadline:
+                raise PduIncomplete(filled, expected, timed_out=True)
     finally:
         view.release()
-    return buffer
+    return filled
 
 
 def has_control_characters(title: bytes) -> bool:
@@ -193,6 +209,9 @@ def install(assoc: Any, limits: PduLimits, on_dropped: Callable[[Any], None] | N
     the transport closes, Evt19 when the PDU cannot be decoded (PS3.8 9.2).
     """
     dul = assoc.dul
+    sock = getattr(dul.socket, "socket", None)
+    if sock is not None:
+        prepare(sock, limits)
 
     def read_pdu_data() -> None:
         transport = dul.socket
