@@ -207,7 +207,8 @@ def test_half_open_connections_are_capped_in_total_and_per_peer(tmp_path: Path, 
             for c in conns:
                 c.close()
     refused = [e for e in logs if e["event"] == "connection_refused"]
-    assert len(refused) >= 190 and "max_pending_per_peer" in refused[0]["reason"]
+    # one line per address and second (with a count), not one per refused connection
+    assert refused and "max_pending_per_peer" in refused[0]["reason"] and len(refused) <= 10
 
 
 def test_the_total_cap_counts_every_peer(tmp_path: Path) -> None:
