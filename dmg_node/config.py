@@ -105,6 +105,13 @@ class NodeSettings:
     acse_timeout: float = 30.0
     dimse_timeout: float = 30.0
     network_timeout: float = 60.0
+    # Limits on unauthenticated input (dmg_node.net.pdu_reader, gate, dimse_guard; docs/reliability.md)
+    pdu_timeout: float = 30.0
+    max_pending_connections: int = 64
+    max_pending_per_peer: int = 8
+    max_instance_mb: int = 1024
+    max_inflated_mb: int = 1024
+    fast_path: bool = True
 
 
 @dataclass(frozen=True)
@@ -308,6 +315,11 @@ _RANGES: dict[str, tuple[float, float]] = {
     "node.acse_timeout": (0.1, 3600),
     "node.dimse_timeout": (0.1, 3600),
     "node.network_timeout": (0.1, 86400),
+    "node.pdu_timeout": (0.1, 3600),
+    "node.max_pending_connections": (1, 10000),
+    "node.max_pending_per_peer": (1, 10000),
+    "node.max_instance_mb": (1, 65536),
+    "node.max_inflated_mb": (1, 65536),
     "storage.min_free_mb": (0, 10**9),
     "assembly.quiet_seconds": (0, 86400),
     "assembly.poll_seconds": (0.05, 3600),
@@ -540,6 +552,33 @@ def _resolve_paths(settings: Settings, raw: dict[str, Any], source: Path | None)
         part = dataclasses.replace(part, **{key: type(value)(resolved)})
         settings = dataclasses.replace(settings, **{section: part})
     return settings
+
+
+def widened_access(old: Settings, new: Settings) -> list[str]:
+    """What *new* opens up compared with *old*: each change in words, for a warning on reload.
+
+    Restart-only keys (TLS, ``node.require_called_aet``) are listed too: the widening happens at
+    the next start.
+    """
+    changes = []
+    old_aets, new_aets = set(old.access.allowed_calling_aets), set(new.access.allowed_calling_aets)
+    if old_aets and not new_aets:
+        changes.append("access.allowed_calling_aets emptied: any calling AE title is admitted")
+    elif old_aets and new_aets - old_aets:
+        changes.append(f"access.allowed_calling_aets now also admits {sorted(new_aets - old_aets)}")
+    if old.tls.enabled and not new.tls.enabled:
+        changes.append("tls.enabled turned off: plain TCP callers are admitted (at the next start)")
+    elif old.tls.enabled and old.tls.require_client_cert and not new.tls.require_client_cert:
+        changes.append("tls.require_client_cert turned off (at the next start)")
+    if old.node.require_called_aet and not new.node.require_called_aet:
+        changes.append("node.require_called_aet turned off: any called AE title is answered (at the next start)")
+    return changes
+
+
+def removed_destinations(old: Settings, new: Settings) -> list[str]:
+    """Names of the destinations in *old* that *new* no longer has."""
+    kept = {d.name for d in new.destinations}
+    return [d.name for d in old.destinations if d.name not in kept]
 
 
 def _tname(value: Any) -> str:

@@ -15,6 +15,10 @@ class ReceiveError(DmgNodeError):
     """The Storage SCP cannot start (its address is taken or does not exist here)."""
 
 
+class InstanceTooLarge(DmgNodeError):
+    """A received data set is over a configured size limit (``node.max_inflated_mb``)."""
+
+
 class SpoolError(DmgNodeError):
     """An instance could not be stored durably, or the index is inconsistent."""
 

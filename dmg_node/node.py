@@ -38,6 +38,8 @@ log = structlog.get_logger(__name__)
 STATUS_FILE = "node-status.json"
 FALLBACK_POLL_SECONDS = 30.0
 RETENTION_EVERY_SECONDS = 3600.0
+#: A changed config file must read the same twice this far apart before it is applied.
+CONFIG_SETTLE_SECONDS = 0.5
 
 
 class Node:
@@ -257,12 +259,25 @@ class Node:
         text = self._read_config_text()
         if text is None or text == self._config_text:
             return
+        if not text.strip():
+            # editors truncate before writing; all-defaults would drop the allow-list and destinations
+            log.error("config_reload_refused", reason="the file is empty", kept="previous settings")
+            return
+        time.sleep(CONFIG_SETTLE_SECONDS)
+        if self._read_config_text() != text:
+            return  # still being written: the watcher reports the next change
         self._config_text = text
         try:
             new = config_mod.load(self.settings.source)
         except ConfigError as exc:
             log.error("config_reload_failed", error=str(exc), kept="previous settings")
             return
+        widened = config_mod.widened_access(self.settings, new)
+        if widened:
+            log.warning("config_access_widened", changes=widened)
+        removed = config_mod.removed_destinations(self.settings, new)
+        if removed:
+            log.warning("config_destinations_removed", destinations=removed)
         self.apply_settings(new)
 
     def apply_settings(self, new: Settings) -> None:

@@ -13,11 +13,12 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from pynetdicom import AE
 from pynetdicom.association import Association
 
+from dmg_node.net.gate import GatedAE
 
-class AdmittingAE(AE):
+
+class AdmittingAE(GatedAE):
     """An AE whose acceptor-side association limit admits the first comers, never none of them."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

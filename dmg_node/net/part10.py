@@ -21,6 +21,8 @@ from pydicom.uid import UID
 from pydicom.valuerep import VR
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
+from dmg_node.errors import InstanceTooLarge
+
 PREAMBLE = b"\x00" * 128 + b"DICM"
 #: Series Number (0020,0011), the last attribute :func:`dmg_node.storage.spool.instance_record` reads.
 LAST_INDEXED_TAG = 0x0020_0011
@@ -36,9 +38,13 @@ _ASCII_TAGS = {
     "StudyInstanceUID": 0x0020_000D, "SeriesInstanceUID": 0x0020_000E, "SeriesNumber": 0x0020_0011,
 }
 _KNOWN_VRS = frozenset(VR.__members__)
+#: How much of an inflated data set :func:`header_dataset` reads: far more than the attributes up
+#: to (0020,0011) take, private groups included.
+INFLATED_HEAD = 16 << 20
+_INFLATE_CHUNK = 4 << 20
 
 
-def header_values(raw: bytes, transfer_syntax_uid: str) -> dict[str, str]:
+def header_values(raw: bytes, transfer_syntax_uid: str, max_inflated: int | None = None) -> dict[str, str]:
     """The attributes :func:`dmg_node.storage.spool.instance_record` reads, from a received data set.
 
     The UIDs, Modality and Series Number are ASCII by definition, so their bytes are decoded
@@ -49,10 +55,12 @@ def header_values(raw: bytes, transfer_syntax_uid: str) -> dict[str, str]:
     ------
     ValueError
         An element the index needs has a VR that does not exist (PS3.5 6.2).
+    InstanceTooLarge
+        A Deflated data set inflates to more than *max_inflated* bytes.
     Exception
         Whatever pydicom or zlib raise on malformed input (see :func:`header_dataset`).
     """
-    ds = header_dataset(raw, transfer_syntax_uid)
+    ds = header_dataset(raw, transfer_syntax_uid, max_inflated)
     values: dict[str, str] = {}
     for keyword, tag in _ASCII_TAGS.items():
         elem = ds.get_item(tag)  # read_dataset leaves every element raw (RawDataElement)
@@ -65,7 +73,7 @@ def header_values(raw: bytes, transfer_syntax_uid: str) -> dict[str, str]:
     return values
 
 
-def header_dataset(raw: bytes, transfer_syntax_uid: str) -> Dataset:
+def header_dataset(raw: bytes, transfer_syntax_uid: str, max_inflated: int | None = None) -> Dataset:
     """The data set's elements up to (0020,0011), decoded as pynetdicom decodes the whole one.
 
     Identifying the instance needs only the SOP, study and series attributes at the top of the
@@ -78,16 +86,50 @@ def header_dataset(raw: bytes, transfer_syntax_uid: str) -> Dataset:
         The C-STORE data set as received (no File Meta group).
     transfer_syntax_uid
         The accepted presentation context's transfer syntax.
+    max_inflated
+        For a Deflated transfer syntax, the most the data set may inflate to (None: no limit).
 
     Raises
     ------
+    InstanceTooLarge
+        A Deflated data set inflates to more than *max_inflated* bytes.
     Exception
         Whatever pydicom or zlib raise on malformed input: the caller answers 0xC000.
     """
     syntax = UID(transfer_syntax_uid)
     if syntax.is_deflated:
-        raw = zlib.decompress(raw, -zlib.MAX_WBITS)
+        raw = inflate_head(raw, max_inflated)
     return read_dataset(BytesIO(raw), syntax.is_implicit_VR, syntax.is_little_endian, stop_when=_past_indexed)
+
+
+def inflate_head(deflated: bytes, max_inflated: int | None, keep: int = INFLATED_HEAD) -> bytes:
+    """The first *keep* bytes of a Deflated data set (PS3.5 A.5), checking its whole inflated size.
+
+    A data set of 2 MB inflated to 2 GB in one ``zlib.decompress``; this inflates in chunks,
+    keeps only the head the index reads and counts the rest, so memory stays near *keep*.
+
+    Raises
+    ------
+    InstanceTooLarge
+        It inflates to more than *max_inflated* bytes.
+    zlib.error
+        The stream is not valid raw deflate.
+    """
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    head = inflater.decompress(deflated, keep)
+    total = len(head)
+    tail = inflater.unconsumed_tail
+    while tail:
+        total += len(inflater.decompress(tail, _INFLATE_CHUNK))
+        tail = inflater.unconsumed_tail
+        if max_inflated is not None and total > max_inflated:
+            raise InstanceTooLarge(f"Deflated data set inflates to more than {max_inflated} bytes "
+                                   f"(node.max_inflated_mb); {len(deflated)} bytes were received")
+    total += len(inflater.flush())
+    if max_inflated is not None and total > max_inflated:
+        raise InstanceTooLarge(f"Deflated data set inflates to {total} bytes, over {max_inflated} "
+                               f"(node.max_inflated_mb)")
+    return head
 
 
 def _short(group: int, element: int, vr: bytes, value: bytes) -> bytes:

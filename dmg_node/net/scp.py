@@ -2,6 +2,9 @@
 
 The C-STORE handler checks the identifiers, writes the bytes as received into the spool (durably)
 and only then returns Success; every other outcome is a named failure status (PS3.4 B.2.3).
+Before any handler runs, unauthenticated input is bounded: connections not yet associated
+(:mod:`dmg_node.net.gate`), each PDU's size and time (:mod:`dmg_node.net.pdu_reader`), each
+message's size and UIDs (:mod:`dmg_node.net.dimse_guard`); docs/reliability.md has the figures.
 """
 
 from __future__ import annotations
@@ -10,7 +13,6 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass, field
-from enum import IntEnum
 from io import BytesIO
 from typing import Any, cast
 
@@ -36,10 +38,12 @@ from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dmg_node.config import DuplicatePolicy, Settings
-from dmg_node.errors import ConfigError, ReceiveError, SpoolError
-from dmg_node.net import reactor, store_rsp
+from dmg_node.errors import ConfigError, InstanceTooLarge, ReceiveError, SpoolError
+from dmg_node.net import compat, dimse_guard, pdu_reader, reactor, store_rsp
 from dmg_node.net.admission import AdmittingAE
+from dmg_node.net.gate import ConnectionGate, GatedAE
 from dmg_node.net.part10 import file_header, header_values
+from dmg_node.net.status import EchoStatus, StoreStatus
 from dmg_node.net.tuning import tune_connection
 from dmg_node.records import instance_record
 from dmg_node.storage.spool import Spool
@@ -64,20 +68,6 @@ TRANSFER_SYNTAXES = [
 ]
 
 _MIB = 1024 * 1024
-
-
-class StoreStatus(IntEnum):
-    """C-STORE response statuses this SCP returns (PS3.4 Table B.2-1)."""
-
-    SUCCESS = 0x0000
-    OUT_OF_RESOURCES = 0xA700
-    DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
-    CANNOT_UNDERSTAND = 0xC000
-    MISSING_UID = 0xC001
-
-
-class EchoStatus(IntEnum):
-    SUCCESS = 0x0000
 
 
 @dataclass
@@ -112,7 +102,17 @@ class Receiver:
     def __init__(self, settings: Settings, spool: Spool) -> None:
         self.settings = settings
         self.spool = spool
-        self.ae = self._build_ae(settings)
+        self.pynetdicom_version = compat.pynetdicom_version()
+        #: the input guards and the fast path patch pynetdicom internals: only where tested
+        self.guarded = compat.patches_supported(self.pynetdicom_version)
+        self.fast_path = self.guarded and settings.node.fast_path
+        node = settings.node
+        self.pdu_limits = pdu_reader.limits_for(node.pdu_timeout, node.maximum_pdu_size, node.max_instance_mb * _MIB)
+        self.gate = ConnectionGate(node.max_pending_connections, node.max_pending_per_peer)
+        # fair admission is no speed-up: it applies wherever the guards do (half-open connections
+        # would otherwise count against maximum_associations in pynetdicom's own check)
+        self.ae = self._build_ae(settings, admitting=self.guarded)
+        self.ae.gate = self.gate
         self._server: Any = None
         self._stats: dict[int, _AssocStats] = {}
         self._stats_lock = threading.Lock()
@@ -124,6 +124,8 @@ class Receiver:
         node = self.settings.node
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, self._on_conn_open),
+            (evt.EVT_CONN_CLOSE, self._on_conn_close),
+            (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_RELEASED, self._on_closed),
@@ -137,8 +139,13 @@ class Receiver:
         except OSError as exc:
             raise ReceiveError(f"cannot listen on {node.host}:{node.port} ([node] in {self.settings.source}): "
                                f"{exc.strerror or exc}") from exc
+        if not self.guarded:
+            log.warning("pynetdicom_untested", version=self.pynetdicom_version, tested=list(compat.TESTED_PREFIXES),
+                        fast_path=False, input_guards=False,
+                        action="stock pynetdicom; limits on PDU size and time, message size and UIDs are off")
         log.info("scp_started", ae_title=node.ae_title, host=node.host, port=self.port,
-                 maximum_associations=node.maximum_associations, tls=self.settings.tls.enabled)
+                 maximum_associations=node.maximum_associations, tls=self.settings.tls.enabled,
+                 pynetdicom=self.pynetdicom_version, fast_path=self.fast_path, input_guards=self.guarded)
 
     @property
     def port(self) -> int:
@@ -171,9 +178,9 @@ class Receiver:
     # -- AE ------------------------------------------------------------------------------------
 
     @staticmethod
-    def _build_ae(settings: Settings) -> AdmittingAE:
+    def _build_ae(settings: Settings, admitting: bool = True) -> GatedAE:
         node = settings.node
-        ae = AdmittingAE(ae_title=node.ae_title)
+        ae = AdmittingAE(ae_title=node.ae_title) if admitting else GatedAE(ae_title=node.ae_title)
         ae.maximum_associations = node.maximum_associations
         ae.maximum_pdu_size = node.maximum_pdu_size
         ae.acse_timeout = node.acse_timeout
@@ -205,11 +212,33 @@ class Receiver:
         return str(primitive.called_ae_title) if primitive is not None else ""
 
     def _on_conn_open(self, event: Event) -> None:
+        assoc = event.assoc
         tune_connection(event)
-        reactor.install(event.assoc)
-        store_rsp.install(event.assoc)
+        self.gate.bind(getattr(assoc.dul.socket, "socket", None), assoc)
+        if self.guarded:
+            pdu_reader.install(assoc, self.pdu_limits, on_dropped=self.gate.release)
+            dimse_guard.install(assoc, self.settings.node.max_instance_mb * _MIB)
+        if self.fast_path:
+            reactor.install(assoc)
+            store_rsp.install(assoc)
+
+    def _on_conn_close(self, event: Event) -> None:
+        self.gate.release(event.assoc)
+
+    def _on_requested(self, event: Event) -> None:
+        """Refuse AE titles with control characters (PS3.5 6.2), which pynetdicom strips away."""
+        assoc = event.assoc
+        if not getattr(assoc, "dmg_bad_ae_title", False):
+            return
+        # A-ASSOCIATE-RJ rejected-permanent, service-user, calling AE title not recognized (PS3.8 9.3.4)
+        assoc.acse.send_reject(0x01, 0x01, 0x03)
+        self.gate.release(assoc)
+        log.warning("association_rejected", calling_aet=assoc.requestor.ae_title, called_aet=self._called(event),
+                    peer=self._peer(event), reason="AE title contains control characters or a backslash")
+        assoc.kill()  # as pynetdicom after its own rejections: the DUL sends the A-ASSOCIATE-RJ first
 
     def _on_accepted(self, event: Event) -> None:
+        self.gate.release(event.assoc)
         calling = event.assoc.requestor.ae_title
         with self._stats_lock:
             self._stats[id(event.assoc)] = _AssocStats(calling_aet=calling, peer=self._peer(event))
@@ -218,7 +247,9 @@ class Receiver:
 
     def _on_rejected(self, event: Event) -> None:
         assoc = event.assoc
-        self.ae.release_slot(assoc)
+        self.gate.release(assoc)
+        if isinstance(self.ae, AdmittingAE):
+            self.ae.release_slot(assoc)
         metrics.ASSOCIATIONS.labels("rejected").inc()
         calling = assoc.requestor.ae_title
         called = self._called(event)
@@ -273,8 +304,11 @@ class Receiver:
         fields = {"calling_aet": calling, "peer": self._peer(event),
                   "sop_uid": str(request.AffectedSOPInstanceUID or "")}
         try:
-            rec = instance_record(header_values(raw, syntax),
+            rec = instance_record(header_values(raw, syntax, self.settings.node.max_inflated_mb * _MIB),
                                   transfer_syntax_uid=syntax, calling_aet=calling, received_at=time.time())
+        except InstanceTooLarge as exc:
+            log.warning("store_rejected", status=f"0x{StoreStatus.OUT_OF_RESOURCES:04X}", reason=str(exc), **fields)
+            return StoreStatus.OUT_OF_RESOURCES
         except SpoolError as exc:
             log.warning("store_rejected", status=f"0x{StoreStatus.MISSING_UID:04X}", reason=str(exc), **fields)
             return StoreStatus.MISSING_UID

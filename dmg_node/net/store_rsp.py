@@ -7,6 +7,8 @@ them directly (implicit VR little endian, as every command set is: PS3.7 6.3.1) 
 :func:`install` sends it as one P-DATA. Anything else (a failure status with its comment, a
 peer with a PDU too small for one fragment, a handler bound to ``EVT_DIMSE_SENT``) takes
 pynetdicom's own path. tests/test_store_rsp.py checks the bytes against pynetdicom's.
+:func:`response_command` and :func:`send_command` also serve :mod:`dmg_node.net.dimse_guard`, which
+answers a refused request itself (on both paths).
 """
 
 from __future__ import annotations
@@ -44,15 +46,41 @@ def success_command(message_id: int, sop_class_uid: str, sop_instance_uid: str) 
     UnicodeEncodeError, struct.error
         If a UID is not ASCII or the message ID is not an unsigned short.
     """
-    body = b"".join((
-        _element(0x0002, uid_value(sop_class_uid)),
+    return response_command(message_id, 0x0000, sop_class_uid, sop_instance_uid)
+
+
+def response_command(message_id: int, status: int, sop_class_uid: str | None = None,
+                     sop_instance_uid: str | None = None) -> bytes:
+    """The command set of a C-STORE-RSP with *status* (PS3.7 9.3.1.2, Table 9.3-2).
+
+    The Affected SOP Class/Instance UIDs of a response are optional (U): pass None to leave out
+    one the request carried in a form that cannot be echoed (a backslash, non-ASCII).
+
+    Raises
+    ------
+    UnicodeEncodeError, struct.error
+        If a UID is not ASCII, or the message ID or status is not an unsigned short.
+    """
+    elements = []
+    if sop_class_uid is not None:
+        elements.append(_element(0x0002, uid_value(sop_class_uid)))
+    elements += [
         _element(0x0100, struct.pack("<H", _C_STORE_RSP)),
         _element(0x0120, struct.pack("<H", message_id)),
         _element(0x0800, struct.pack("<H", _NO_DATA_SET)),
-        _element(0x0900, struct.pack("<H", 0x0000)),
-        _element(0x1000, uid_value(sop_instance_uid)),
-    ))
+        _element(0x0900, struct.pack("<H", status)),
+    ]
+    if sop_instance_uid is not None:
+        elements.append(_element(0x1000, uid_value(sop_instance_uid)))
+    body = b"".join(elements)
     return _element(0x0000, struct.pack("<I", len(body))) + body
+
+
+def send_command(dul: Any, context_id: int, command: bytes) -> None:
+    """Queue *command* (a whole command set, no data set) on *dul* as one P-DATA (PS3.8 E.2)."""
+    pdata = P_DATA()
+    pdata.presentation_data_value_list.append((context_id, _LAST_COMMAND_FRAGMENT + command))
+    dul.send_pdu(pdata)
 
 
 def _fast_command(primitive: Any) -> bytes | None:
@@ -82,8 +110,6 @@ def install(assoc: Any) -> None:
                 or assoc.get_handlers(evt.EVT_DIMSE_SENT)):
             pynetdicom_send(primitive, context_id)
             return
-        pdata = P_DATA()
-        pdata.presentation_data_value_list.append((context_id, _LAST_COMMAND_FRAGMENT + command))
-        dimse.dul.send_pdu(pdata)
+        send_command(dimse.dul, context_id, command)
 
     dimse.send_msg = send_msg

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
-import types
 from pathlib import Path
 
 import pytest
@@ -35,7 +33,7 @@ def test_associations_run_the_waking_reactor(tmp_path: Path) -> None:
         assert assoc.is_established
         [server_side] = [a for a in rx.ae.active_associations if a.is_acceptor]
         assert server_side._run_reactor.__func__ is reactor.waking_reactor
-        assert server_side.dul.socket.recv.__func__ is reactor.recv_exactly
+        assert server_side.dul._read_pdu_data.__qualname__ == "install.<locals>.read_pdu_data"  # pdu_reader
         assert assoc.send_c_echo().Status == 0x0000
         assert assoc.send_c_store(dcmread(path)).Status == 0x0000
         assoc.release()
@@ -91,49 +89,6 @@ def test_an_idle_association_does_not_spin(tmp_path: Path) -> None:
         assert assoc.send_c_echo().Status == 0x0000
         assoc.release()
     assert share < 0.15, f"{share:.0%} of a core while idle"  # 6 % measured; a spinning DUL thread would use most of a core
-
-
-def _transport(sock: socket.socket) -> types.SimpleNamespace:
-    transport = types.SimpleNamespace(socket=sock)
-    transport.recv = types.MethodType(reactor.recv_exactly, transport)
-    return transport
-
-
-def test_recv_exactly_reads_a_pdu_sent_in_pieces() -> None:
-    """All requested bytes come back in order, however the peer splits them."""
-    ours, peer = socket.socketpair()
-    payload = bytes(range(256)) * 1024  # 256 KiB, more than one socket buffer
-    with ours, peer:
-        ours.settimeout(5)
-        sender = threading.Thread(target=lambda: [peer.sendall(payload[i:i + 7000]) or time.sleep(0.001)
-                                                  for i in range(0, len(payload), 7000)])
-        sender.start()
-        got = _transport(ours).recv(len(payload))
-        sender.join()
-        assert isinstance(got, bytearray) and got == payload
-        peer.sendall(b"abcdef")
-        assert _transport(ours).recv(6) == b"abcdef"
-
-
-def test_recv_exactly_returns_what_came_when_the_peer_closes() -> None:
-    """As pynetdicom's recv: a broken connection gives the bytes read so far (the DUL then reports Evt17)."""
-    ours, peer = socket.socketpair()
-    with ours:
-        ours.settimeout(5)
-        peer.sendall(b"12345")
-        peer.close()
-        assert _transport(ours).recv(100) == b"12345"
-        assert _transport(ours).recv(10) == b""
-
-
-def test_recv_exactly_lets_a_timeout_through() -> None:
-    """A silent peer raises TimeoutError (pynetdicom's DUL turns it into Evt17), never returns short."""
-    ours, peer = socket.socketpair()
-    with ours, peer:
-        ours.settimeout(0.05)
-        peer.sendall(b"12")
-        with pytest.raises(TimeoutError):
-            _transport(ours).recv(10)
 
 
 def test_c_store_is_served_on_the_dul_thread_when_the_association_is_idle(tmp_path: Path) -> None:
