@@ -171,6 +171,13 @@ def cmd_phantom(args: argparse.Namespace) -> int:
     from dmg_node.phantoms.phantom import generate
 
     logs.configure("info", "console", stream=sys.stderr)
+    if args.randomized:
+        from dmg_node.phantoms.synth import generate as generate_randomized
+
+        for path in generate_randomized(Path(args.out), args.set, args.n, first=args.seed,
+                                        resolution_mm=args.resolution, grid=args.grid):
+            print(path)
+        return EXIT_OK
     formats = {f.strip() for f in args.format.split(",") if f.strip()}
     written = generate(Path(args.out), args.n, args.seed, formats, geometry=args.geometry,
                        reference_rtstruct=args.rtstruct, resolution_mm=args.resolution)
@@ -210,6 +217,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for name, s in result.summary.items():
         print(f"{name}: median {s['median']:.3f} (IQR {s['q1']:.3f}-{s['q3']:.3f}, n={int(s['n'])})")
     print(f"report with overlays: {report_dir / 'report.md'}")
+    return EXIT_OK
+
+
+def cmd_evaluate_shifts(args: argparse.Namespace) -> int:
+    from dmg_node.training.heldout import evaluate_sets
+
+    logs.configure("info", "console", stream=sys.stderr)
+    report = Path(args.report)
+    evaluate_sets(config.load(args.config), Path(args.data), report)
+    print((report / "shifts.md").read_text(), end="")
     return EXIT_OK
 
 
@@ -304,6 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--geometry", choices=("clinical", "small"), default="clinical")
     s.add_argument("--rtstruct", action="store_true", help="also write a reference RTSTRUCT per series")
     s.add_argument("--resolution", type=float, default=1.0, help="case grid in mm (2 is faster, coarser)")
+    s.add_argument("--randomized", action="store_true",
+                   help="domain-randomized NIfTI cases (dmg_node.phantoms.synth); --seed is then the first case index")
+    s.add_argument("--set", default="train", help="with --randomized: train, validation or a held-out set (docs/model.md)")
+    s.add_argument("--grid", choices=("case", "acquired"), default="case",
+                   help="with --randomized: case grid for training, each series' own grid (<seq>/ folders) for tests")
     s.set_defaults(func=cmd_phantom)
     s = with_config(sub.add_parser("train", help="train a generator for one sequence"))
     s.add_argument("--sequence", choices=("t1c", "t2", "flair"), required=True)
@@ -333,6 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-grow", action="store_true",
                    help="leave out the manifest's intensity-guided growth of the mask (to compare)")
     s.set_defaults(func=cmd_evaluate)
+    s = with_config(sub.add_parser("evaluate-shifts", help="the configured models on held-out randomized sets"))
+    s.add_argument("--data", required=True, help="folder of <set>/<seq>/ cases (phantom --randomized --grid acquired)")
+    s.add_argument("--report", required=True, help="folder for shifts.md and shifts.json")
+    s.set_defaults(func=cmd_evaluate_shifts)
     s = with_config(sub.add_parser("segment", help="classify, segment and write an RTSTRUCT for one series, offline"))
     s.add_argument("series_dir")
     s.add_argument("--out", required=True, help="RTSTRUCT file to write")
