@@ -198,7 +198,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                      patch_size=(args.patch, args.patch, args.patch),
                      preprocess=PreprocessConfig(spacing_mm=args.spacing),
                      init_from=Path(args.init_from) if args.init_from else None,
-                     max_spacing_mm=args.max_spacing_mm, rules=config.load(args.config).rules)
+                     max_spacing_mm=args.max_spacing_mm, rules=config.load(args.config).rules,
+                     val_dir=Path(args.val_data) if args.val_data else None)
     print(json.dumps({"model": str(args.out), "sequence": manifest.sequence, "metrics": manifest.metrics}, indent=2))
     return EXIT_OK
 
@@ -346,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="manifest: coarsest series (largest voxel spacing) the model is meant for; default any")
     s.add_argument("--device", default="auto")
     s.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
+    s.add_argument("--val-data", help="validation cases (model selection) instead of a split of --data")
     s.set_defaults(func=cmd_train)
     s = with_config(sub.add_parser("evaluate", help="Dice, HD95 and volume error of a model on labelled cases"))
     s.add_argument("--model", required=True)
