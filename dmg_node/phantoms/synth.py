@@ -88,6 +88,20 @@ def case_id(params: SynthParams) -> str:
 def render(params: SynthParams, *, resolution_mm: float = 2.0, grid: Grid = "case") -> SynthCase:
     """Render *params* on an isotropic case grid of *resolution_mm* (1 to 3 mm).
 
+    Parameters
+    ----------
+    params
+        From :func:`dmg_node.phantoms.randomize.draw_params`; with the resolution, it fully
+        determines the output.
+    resolution_mm
+        Case grid; slices thinner than it are not resolved (3D acquisitions stay on it).
+    grid
+        ``"case"`` (training) or ``"acquired"`` (evaluation), see the module docstring.
+
+    Returns
+    -------
+    SynthCase
+
     Raises
     ------
     ValueError

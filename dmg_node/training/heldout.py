@@ -75,11 +75,12 @@ def evaluate_sets(settings: Settings, data_root: Path, report_dir: Path,
                 case = source.load()
                 model = models.for_volume(case.image)
                 pred = model.predict(case.image)
+                spacing = case.image.spacing
                 voxel_ml = float(np.prod(case.image.spacing)) / 1000.0
                 ref_ml, pred_ml = float(case.label.sum()) * voxel_ml, float(pred.sum()) * voxel_ml
                 result = ShiftCase(
                     shift=shift, sequence=seq, case_id=case.case_id, model=model.name,
-                    spacing_mm=tuple(round(float(s), 2) for s in case.image.spacing),  # type: ignore[arg-type]
+                    spacing_mm=(round(float(spacing[0]), 2), round(float(spacing[1]), 2), round(float(spacing[2]), 2)),
                     dice=dice(pred, case.label), hd95_mm=hd95(pred, case.label, case.image.spacing[::-1]),
                     reference_ml=ref_ml, predicted_ml=pred_ml,
                     volume_error_pct=100.0 * (pred_ml - ref_ml) / ref_ml if ref_ml else math.nan,
