@@ -186,6 +186,6 @@ def test_training_runs_on_generated_randomized_cases(tmp_path: Path) -> None:
     assert [c.case_id for c in find_cases(val, "t2")] == ["SY-validation-1000000"]
     tiny = {"steps_per_epoch": 1, "batch_size": 1, "patch_size": (32, 32, 32), "device": "cpu",
             "generator": GeneratorConfig(channels=(4, 8, 8, 8, 8), aspp_dilations=(1, 2)),
-            "preprocess": PreprocessConfig(spacing_mm=4.0), "work_dir": tmp_path / "work", "val_dir": val}
+            "preprocess": PreprocessConfig(spacing_mm=6.0), "work_dir": tmp_path / "work", "val_dir": val}
     first = train("t2", data, tmp_path / "model", epochs=1, **tiny)  # type: ignore[arg-type]
     assert first.training["epochs_run"] == 1 and first.training["val_cases"] == ["SY-validation-1000000"]
