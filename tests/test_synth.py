@@ -189,3 +189,15 @@ def test_training_runs_on_generated_randomized_cases(tmp_path: Path) -> None:
             "preprocess": PreprocessConfig(spacing_mm=6.0), "work_dir": tmp_path / "work", "val_dir": val}
     first = train("t2", data, tmp_path / "model", epochs=1, **tiny)  # type: ignore[arg-type]
     assert first.training["epochs_run"] == 1 and first.training["val_cases"] == ["SY-validation-1000000"]
+
+
+def test_phantom_command_writes_a_held_out_set_on_acquired_grids(tmp_path: Path) -> None:
+    """`dmg-node phantom --randomized --set low_snr --grid acquired` writes one folder per sequence from the set's seeds."""
+    from dmg_node.cli import EXIT_OK, main
+
+    args = ["phantom", str(tmp_path), "--randomized", "--set", "low_snr", "--n", "1", "--resolution", "3",
+            "--grid", "acquired"]
+    assert main(args) == EXIT_OK
+    for seq in SEQUENCES:
+        (case,) = find_cases(tmp_path / seq, seq)
+        assert case.case_id == f"SY-low_snr-{SHIFTS['low_snr'].seeds[0]:07d}"
