@@ -195,6 +195,13 @@ def cmd_phantom(args: argparse.Namespace) -> int:
     from dmg_node.phantoms.phantom import generate
 
     logs.configure("info", "console", stream=sys.stderr)
+    if args.randomized:
+        from dmg_node.phantoms.synth import generate as generate_randomized
+
+        for path in generate_randomized(Path(args.out), args.set, args.n, first=args.seed,
+                                        resolution_mm=args.resolution, grid=args.grid):
+            print(path)
+        return EXIT_OK
     formats = {f.strip() for f in args.format.split(",") if f.strip()}
     written = generate(Path(args.out), args.n, args.seed, formats, geometry=args.geometry,
                        reference_rtstruct=args.rtstruct, resolution_mm=args.resolution)
@@ -215,7 +222,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                      patch_size=(args.patch, args.patch, args.patch),
                      preprocess=PreprocessConfig(spacing_mm=args.spacing),
                      init_from=Path(args.init_from) if args.init_from else None,
-                     max_spacing_mm=args.max_spacing_mm, rules=config.load(args.config).rules)
+                     max_spacing_mm=args.max_spacing_mm, rules=config.load(args.config).rules,
+                     val_dir=Path(args.val_data) if args.val_data else None)
     print(json.dumps({"model": str(args.out), "sequence": manifest.sequence, "metrics": manifest.metrics}, indent=2))
     return EXIT_OK
 
@@ -264,6 +272,16 @@ def cmd_evaluate_output(args: argparse.Namespace) -> int:
     for line in result.unmatched:
         print(f"not compared: {line}", file=sys.stderr)
     print("Phantom or research figures only: they say nothing about clinical accuracy.")
+    return EXIT_OK
+
+
+def cmd_evaluate_shifts(args: argparse.Namespace) -> int:
+    from dmg_node.training.heldout import evaluate_sets
+
+    logs.configure("info", "console", stream=sys.stderr)
+    report = Path(args.report)
+    evaluate_sets(config.load(args.config), Path(args.data), report)
+    print((report / "shifts.md").read_text(), end="")
     return EXIT_OK
 
 
@@ -362,6 +380,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--geometry", choices=("clinical", "small"), default="clinical")
     s.add_argument("--rtstruct", action="store_true", help="also write a reference RTSTRUCT per series")
     s.add_argument("--resolution", type=float, default=1.0, help="case grid in mm (2 is faster, coarser)")
+    s.add_argument("--randomized", action="store_true",
+                   help="domain-randomized NIfTI cases (dmg_node.phantoms.synth); --seed is then the first case index")
+    s.add_argument("--set", default="train", help="with --randomized: train, validation or a held-out set (docs/model.md)")
+    s.add_argument("--grid", choices=("case", "acquired"), default="case",
+                   help="with --randomized: case grid for training, each series' own grid (<seq>/ folders) for tests")
     s.set_defaults(func=cmd_phantom)
     s = with_config(sub.add_parser("train", help="train a generator for one sequence"))
     s.add_argument("--sequence", choices=("t1c", "t2", "flair"), required=True)
@@ -382,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="manifest: coarsest series (largest voxel spacing) the model is meant for; default any")
     s.add_argument("--device", default="auto")
     s.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
+    s.add_argument("--val-data", help="validation cases (model selection) instead of a split of --data")
     s.set_defaults(func=cmd_train)
     s = with_config(sub.add_parser("evaluate", help="Dice, HD95 and volume error of a model on labelled cases"))
     s.add_argument("--model", required=True)
@@ -399,6 +423,10 @@ def build_parser() -> argparse.ArgumentParser:
         "or NIfTI masks on the series grid"))
     s.add_argument("--roi", help="reference ROI names to use (Python re.search; default: GTV, tumour or DMG)")
     s.set_defaults(func=cmd_evaluate_output)
+    s = with_config(sub.add_parser("evaluate-shifts", help="the configured models on held-out randomized sets"))
+    s.add_argument("--data", required=True, help="folder of <set>/<seq>/ cases (phantom --randomized --grid acquired)")
+    s.add_argument("--report", required=True, help="folder for shifts.md and shifts.json")
+    s.set_defaults(func=cmd_evaluate_shifts)
     s = with_config(sub.add_parser("segment", help="classify, segment and write an RTSTRUCT for one series, offline"))
     s.add_argument("series_dir")
     s.add_argument("--out", required=True, help="RTSTRUCT file to write")

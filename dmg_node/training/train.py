@@ -239,6 +239,7 @@ def train(
     data_description: str = "",
     max_spacing_mm: float | None = None,
     rules: Rules | None = None,
+    val_dir: Path | None = None,
 ) -> Manifest:
     """Train a model for ``sequence`` on the labelled cases in ``data_dir``; write ``out_dir``.
 
@@ -282,6 +283,10 @@ def train(
         Stop after the last epoch that fits in this many seconds.
     version, intended_use, data_description
         Written to the manifest.
+    val_dir
+        Labelled cases for validation (model selection and threshold calibration) instead of a
+        ``val_fraction`` split of ``data_dir``: e.g. the ``validation`` set of
+        :mod:`dmg_node.phantoms.randomize`, whose seeds never meet the training or test sets'.
     max_spacing_mm
         Written to the manifest: the coarsest series (largest voxel spacing, mm) the model is
         meant for, so a fine-grid model for 3D series can be listed before a model for 2D
@@ -325,7 +330,10 @@ def train(
     torch.manual_seed(seed)
 
     sources = list(find_cases(data_dir, sequence, roi_pattern, rules))
-    train_src, val_src = _split(sources, val_fraction, seed)
+    if val_dir is None:
+        train_src, val_src = _split(sources, val_fraction, seed)
+    else:
+        train_src, val_src = sources, list(find_cases(val_dir, sequence, roi_pattern, rules))
     key = hashlib.sha256(json.dumps(settings.preprocess.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
     cache = work / f"cache-{sequence}-{key}"
     train_cases = load_prepared(train_src, settings.preprocess, cache)
