@@ -74,7 +74,7 @@ class _Anatomy:
 
 
 @functools.lru_cache(maxsize=1)
-def _templates() -> tuple[F32, F32, F32, F64]:
+def templates() -> tuple[F32, F32, F32, F64]:
     """ICBM152 T1, GM and WM as (z, y, x) arrays on an LPS grid, plus that grid's LPS origin."""
     from nilearn import datasets  # slow import (~1.5 s), only when a phantom is made
 
@@ -93,7 +93,7 @@ def _templates() -> tuple[F32, F32, F32, F64]:
 @functools.lru_cache(maxsize=3)
 def _anatomy(spacing: float) -> _Anatomy:
     """Build (once per spacing) the template-space maps every case is sampled from."""
-    t1, gm, wm, origin_1mm = _templates()
+    t1, gm, wm, origin_1mm = templates()
     below, front = round(_PAD_BELOW_MM), round(_PAD_FRONT_MM)
     gm, wm, brain = (_pad(a, below, front) for a in (gm, wm, (t1 > 0).astype(np.float32)))
     origin = origin_1mm - np.array([0.0, front, below])
@@ -254,7 +254,7 @@ def _locate(anat: _Anatomy, target: F64, coarse: F32, step: float, pose: F64, lo
     return index
 
 
-def _mass_effect(coords: F32, coarse: F32, step: float, centre: F64, r: float, push_mm: float) -> None:
+def mass_effect(coords: F32, coarse: F32, step: float, centre: F64, r: float, push_mm: float) -> None:
     """Push anatomy away from *centre* as if a sphere of *push_mm* had been inserted (in place).
 
     Incompressible radial model: a point first at radius r0 ends at (r0^3 + R^3)^(1/3); we

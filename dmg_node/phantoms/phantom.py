@@ -47,23 +47,21 @@ from dmg_node.phantoms.anatomy import (
     _forward_box,
     _index_box,
     _locate,
-    _mass_effect,
     _rotation,
     _sample,
     _sampling_coords,
     _template_box,
     _tissues,
     _upsample,
+    mass_effect,
 )
 from dmg_node.phantoms.anatomy import (
     RAS_TO_LPS as RAS_TO_LPS,  # re-exported: part of this module's API
 )
-from dmg_node.phantoms.anatomy import _templates as _templates  # re-exported for tests
-from dmg_node.phantoms.tumour import _SITES as _SITES  # re-exported for tests
 from dmg_node.phantoms.tumour import (
     SEQUENCES as SEQUENCES,  # re-exported: part of this module's API
 )
-from dmg_node.phantoms.tumour import _draw_site, _render, _signals, _tumour
+from dmg_node.phantoms.tumour import _draw_site, _render, _tumour, draw_signals
 from dmg_node.training.data import LABEL_SUFFIX, NIFTI_SUFFIX
 
 log = structlog.get_logger(__name__)
@@ -190,14 +188,14 @@ def make_case(seed: int, *, resolution_mm: float = 1.0, crop: bool = True) -> Ph
     coords, coarse, step = _sampling_coords(rng, anat, shape, lo, r, c0, np.linalg.inv(pose).astype(np.float64))
     centre_idx = _locate(anat, site_tpl, coarse, step, pose, lo, r)
     radius = (3.0 * volume_ml * 1000.0 / (4.0 * math.pi)) ** (1.0 / 3.0)
-    _mass_effect(coords, coarse, step, centre_idx, r, rng.uniform(0.5, 0.8) * radius)
+    mass_effect(coords, coarse, step, centre_idx, r, rng.uniform(0.5, 0.8) * radius)
     face = _index_box(_forward_box(anat.face_box, pose, c0, 8.0), lo, r, shape)
     sampled = _sample(anat, coords, face)
     del coords
     parts, brain = _tissues(sampled, rng, max(r, 1.0), face)
     del sampled
     tumour = _tumour(rng, brain["icv"], centre_idx, r, radius, volume_ml)
-    noise_free = _render(parts, brain, tumour, _signals(rng))
+    noise_free = _render(parts, brain, tumour, draw_signals(rng))
     label = np.zeros(shape, np.uint8)
     label[tumour.box] = tumour.label
     images = {seq: _acquire(noise_free[seq], affine, np.random.default_rng([seed, 2, n]))
@@ -413,19 +411,19 @@ def _plan(case: PhantomCase, rng: np.random.Generator, geometry: Geometry) -> li
     idx = np.argwhere(case.noise_free["t2"] > 0.05)[:, ::-1]
     head = idx.mean(axis=0) @ case.affine[:3, :3].T + case.affine[:3, 3]
     tumour = np.argwhere(case.label)[:, ::-1] @ case.affine[:3, :3].T + case.affine[:3, 3]
-    t2 = _axial(rng, "t2", "T2 TSE AX", geometry, head, tumour)
+    t2 = axial_grid(rng, "t2", "T2 TSE AX", geometry, head, tumour)
     choice = rng.uniform()
     if choice < 0.4:
-        flair = _sagittal(rng, "flair", "T2 SPACE FLAIR SAG 3D", geometry, head, tumour)
+        flair = sagittal_grid(rng, "flair", "T2 SPACE FLAIR SAG 3D", geometry, head, tumour)
     elif choice < 0.7:
         flair = _Acquisition("flair", "T2 FLAIR AX", False, t2.shape, t2.pixel_mm, t2.thickness_mm, t2.spacing_mm,
                              t2.axes, t2.origin)
     else:
-        flair = _axial(rng, "flair", "T2 FLAIR AX", geometry, head, tumour)
-    return [t2, flair, _sagittal(rng, "t1c", "T1 MPRAGE SAG +C", geometry, head, tumour)]
+        flair = axial_grid(rng, "flair", "T2 FLAIR AX", geometry, head, tumour)
+    return [t2, flair, sagittal_grid(rng, "t1c", "T1 MPRAGE SAG +C", geometry, head, tumour)]
 
 
-def _axial(rng: np.random.Generator, sequence: str, description: str, geometry: Geometry, head: F64,
+def axial_grid(rng: np.random.Generator, sequence: str, description: str, geometry: Geometry, head: F64,
            tumour: F64) -> _Acquisition:
     """A 2D axial stack, tilted 5-20 degrees about left-right three times in four (AC-PC style)."""
     size = 256 if geometry == "clinical" else 128
@@ -440,7 +438,7 @@ def _axial(rng: np.random.Generator, sequence: str, description: str, geometry: 
     return _place(rng, sequence, description, False, (n, size, size), pixel, thickness, spacing, axes, head, tumour)
 
 
-def _sagittal(rng: np.random.Generator, sequence: str, description: str, geometry: Geometry, head: F64,
+def sagittal_grid(rng: np.random.Generator, sequence: str, description: str, geometry: Geometry, head: F64,
               tumour: F64) -> _Acquisition:
     """A 3D sagittal slab (rows anterior to posterior, columns superior to inferior), tilted < 6 degrees."""
     n, size, pixel = (176, 256, 1.0) if geometry == "clinical" else (80, 112, 2.2)

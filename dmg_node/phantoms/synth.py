@@ -43,18 +43,25 @@ from dmg_node.phantoms.anatomy import (
     _forward_box,
     _index_box,
     _locate,
-    _mass_effect,
     _pad,
     _rotation,
     _sample,
     _sampling_coords,
-    _templates,
     _tissues,
     _upsample,
+    mass_effect,
+    templates,
 )
 from dmg_node.phantoms.lesion import COMPONENTS, Lesion, make_lesion
 from dmg_node.phantoms.phantom import _save_nifti
-from dmg_node.phantoms.randomize import PLANES, SEQUENCES, SETS, AcquisitionParams, SynthParams, draw_params
+from dmg_node.phantoms.randomize import (
+    PLANES,
+    SEQUENCES,
+    SETS,
+    AcquisitionParams,
+    SynthParams,
+    draw_params,
+)
 from dmg_node.training.data import LABEL_SUFFIX, NIFTI_SUFFIX
 
 log = structlog.get_logger(__name__)
@@ -129,7 +136,7 @@ def render(params: SynthParams, *, resolution_mm: float = 2.0, grid: Grid = "cas
     centre = _locate(anat, RAS_TO_LPS[:3, :3] @ np.array(tumour.centre_ras), coarse, step, pose, lo, r)
     radius = (3.0 * tumour.volume_ml * 1000.0 / (4.0 * math.pi)) ** (1.0 / 3.0)
     if tumour.mass_effect > 0:
-        _mass_effect(coords, coarse, step, centre, r, tumour.mass_effect * radius)
+        mass_effect(coords, coarse, step, centre, r, tumour.mass_effect * radius)
     t1 = ndimage.map_coordinates(_t1_template(r), coords, order=1, mode="nearest", output=np.float32)
     face = _index_box(_forward_box(anat.face_box, pose, c0, 8.0), lo, r, shape)
     sampled = _sample(anat, coords, face)  # scales coords in place: the T1 is sampled first
@@ -170,7 +177,7 @@ def _deform(rng: np.random.Generator, coords: F32, coarse: F32, step: float, par
 @functools.lru_cache(maxsize=2)
 def _t1_template(spacing: float) -> F32:
     """The ICBM152 T1 on the anatomy grid of *spacing* (padded as :func:`anatomy._anatomy` pads)."""
-    t1 = _pad(_templates()[0], round(_PAD_BELOW_MM), round(_PAD_FRONT_MM))
+    t1 = _pad(templates()[0], round(_PAD_BELOW_MM), round(_PAD_FRONT_MM))
     return t1 if spacing == 1.0 else _downsample(t1, spacing)
 
 

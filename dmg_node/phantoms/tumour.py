@@ -30,7 +30,7 @@ class _Site:
     weight: float  # DMG is mostly pontine
 
 
-_SITES = {
+SITES = {
     "pons": _Site((0.0, -25.0, -32.0), (2.0, 3.0, 4.0), (8.0, 40.0), 0.6),
     "medulla": _Site((0.0, -38.0, -50.0), (1.5, 2.0, 3.0), (5.0, 12.0), 0.15),
     "thalamus": _Site((10.0, -18.0, 6.0), (2.0, 3.0, 2.0), (5.0, 30.0), 0.25),  # x sign drawn per case
@@ -55,10 +55,10 @@ _SIGNAL: dict[str, tuple[float, float, float]] = {
 
 def _draw_site(rng: np.random.Generator) -> tuple[str, F64, float]:
     """Tumour site name, its template centre (LPS mm) and a target volume (cm3)."""
-    names = list(_SITES)
-    weights = np.array([_SITES[n].weight for n in names])
+    names = list(SITES)
+    weights = np.array([SITES[n].weight for n in names])
     name = names[int(rng.choice(len(names), p=weights / weights.sum()))]
-    site = _SITES[name]
+    site = SITES[name]
     ras = np.array(site.centre_ras) + rng.uniform(-1.0, 1.0, 3) * np.array(site.jitter_mm)
     if name == "thalamus":
         side = rng.choice([-1.0, 1.0])
@@ -128,7 +128,7 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma_vox: f
     return out
 
 
-def _signals(rng: np.random.Generator) -> dict[str, F32]:
+def draw_signals(rng: np.random.Generator) -> dict[str, F32]:
     """Per-case relative signal of each tissue in (t1c, t2, flair), jittered around :data:`_SIGNAL`."""
     out = {k: (np.array(v) * np.exp(rng.normal(0.0, 0.05, 3))).astype(np.float32) for k, v in _SIGNAL.items()}
     # Keep what defines the task: tumour below CSF on T2, far above it on FLAIR, dark on T1C.

@@ -10,7 +10,7 @@ from dmg_node.phantoms.phantom import (
     StudyManifest,
 )
 from tests.support import require_tool
-from tests.unit.test_phantom import case, cases, study  # noqa: F401  (pytest fixtures)
+from tests.unit.test_phantom import case, cases, study  # noqa: F401, F811  (pytest fixtures)
 
 
 @pytest.mark.parametrize("sequence", ["t2", "t1c"])

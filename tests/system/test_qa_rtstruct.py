@@ -21,7 +21,7 @@ from tests.unit.test_qa import (
     _run,
     _settings,
 )
-from tests.unit.test_qa import study  # noqa: F401  (pytest fixtures)
+from tests.unit.test_qa import study  # noqa: F401, F811  (pytest fixtures)
 
 
 def test_pipeline_adds_the_consensus_roi_and_the_file_passes_dciodvfy(study: tuple[Spool, str], tmp_path: Path) -> None:

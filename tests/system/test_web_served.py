@@ -28,7 +28,7 @@ from tests.unit.test_web import (
     add_contour,
     decode_png,
 )
-from tests.unit.test_web import spool  # noqa: F401  (pytest fixtures)
+from tests.unit.test_web import spool  # noqa: F401, F811  (pytest fixtures)
 
 
 @pytest.mark.network

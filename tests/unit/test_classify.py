@@ -77,7 +77,7 @@ DSC = dict(scanning_sequence=("GR", "EP"), repetition_time=1500.0, echo_time=30.
 DCE = dict(VIBE, repetition_time=4.0, echo_time=1.5, flip_angle=15.0, temporal_positions=40)
 LOCALIZER = dict(scanning_sequence=("GR",), sequence_variant=("SP",), repetition_time=8.6, echo_time=4.0,
                  flip_angle=20.0, mr_acquisition_type="2D")  # fmt: skip
-# What the phantom generator (dmg_node/segment/phantom.py) writes.
+# What the phantom generator (dmg_node/phantoms/phantom.py) writes.
 PHANTOM_T2 = dict(T2_TSE, scan_options=("PFP",), repetition_time=4500.0, echo_time=100.0, mr_acquisition_type="2D")
 PHANTOM_FLAIR = dict(scanning_sequence=("SE", "IR"), repetition_time=9000.0, echo_time=120.0, inversion_time=2500.0)
 PHANTOM_T1C = dict(MPRAGE, repetition_time=2000.0, echo_time=3.0, inversion_time=900.0, flip_angle=9.0,

@@ -17,16 +17,19 @@ from scipy import ndimage
 
 from dmg_node.classify import classify, compile_rules, header_from_dataset
 from dmg_node.dicomfiles import read_datasets
-from dmg_node.phantoms import phantom
+from dmg_node.phantoms.anatomy import mass_effect, templates
 from dmg_node.phantoms.phantom import (
     RAS_TO_LPS,
     PhantomCase,
     StudyManifest,
+    axial_grid,
     generate,
     make_case,
+    sagittal_grid,
     write_dicom_study,
     write_nifti_case,
 )
+from dmg_node.phantoms.tumour import SEQUENCES, SITES, draw_signals
 from dmg_node.rtstruct import read_roi_mask
 from dmg_node.training.data import read_nifti
 from dmg_node.volume import Volume, build_volume
@@ -76,7 +79,7 @@ def test_template_arrays_are_the_nilearn_images_in_lps() -> None:
 
     img = datasets.load_mni152_gm_template(resolution=1)
     data = np.asarray(img.get_fdata(dtype=np.float32))
-    _, gm, _, origin = phantom._templates()
+    _, gm, _, origin = templates()
     rng = np.random.default_rng(0)
     voxels = rng.integers(0, data.shape, size=(500, 3))
     ras = voxels @ img.affine[:3, :3].T + img.affine[:3, 3]
@@ -91,8 +94,8 @@ def test_template_arrays_are_the_nilearn_images_in_lps() -> None:
 @pytest.mark.parametrize("site", ["pons", "medulla", "thalamus"])
 def test_nominal_sites_are_brain_tissue(site: str) -> None:
     """Each tumour site's nominal MNI centre lies in grey or white matter of the template."""
-    _, gm, wm, origin = phantom._templates()
-    ras = np.array(phantom._SITES[site].centre_ras)
+    _, gm, wm, origin = templates()
+    ras = np.array(SITES[site].centre_ras)
     for x in {ras[0], -ras[0]}:
         zyx = np.round((_lps((x, ras[1], ras[2])) - origin)[::-1]).astype(int)
         assert gm[tuple(zyx)] + wm[tuple(zyx)] > 0.5
@@ -104,7 +107,7 @@ def test_mass_effect_pushes_anatomy_outwards() -> None:
     coarse = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij"))
     coords = coarse.copy()
     centre = np.array([20.0, 20.0, 20.0])
-    phantom._mass_effect(coords, coarse, 1.0, centre, 1.0, 5.0)
+    mass_effect(coords, coarse, 1.0, centre, 1.0, 5.0)
     sampled = np.linalg.norm(coords[:, 20, 20, 28] - centre)  # 8 mm from the centre
     assert sampled == pytest.approx((8.0**3 - 5.0**3) ** (1 / 3), abs=1e-3)
     assert np.array_equal(coords[:, 0, 0, 0], coarse[:, 0, 0, 0])  # beyond four push radii: untouched
@@ -117,7 +120,7 @@ def test_mass_effect_pushes_anatomy_outwards() -> None:
 def test_same_seed_same_case(case: PhantomCase) -> None:
     """A seed fully determines a case; another seed gives another case."""
     again = make_case(case.seed, resolution_mm=RES)
-    for seq in phantom.SEQUENCES:
+    for seq in SEQUENCES:
         assert np.array_equal(again.images[seq], case.images[seq])
     assert np.array_equal(again.label, case.label) and np.array_equal(again.affine, case.affine)
     other = make_case(case.seed + 1, resolution_mm=RES)
@@ -127,7 +130,7 @@ def test_same_seed_same_case(case: PhantomCase) -> None:
 def test_case_arrays_follow_the_volume_convention(case: PhantomCase) -> None:
     """Images are float32 12-bit values on an axial LPS grid of the asked spacing; the label is 0/1 uint8."""
     assert np.allclose(case.affine[:3, :3], np.eye(3) * RES)
-    for seq in phantom.SEQUENCES:
+    for seq in SEQUENCES:
         image = case.images[seq]
         assert image.dtype == np.float32 and image.shape == case.label.shape
         assert image.min() >= 0 and image.max() <= 4095 and np.array_equal(image, np.round(image))
@@ -168,7 +171,7 @@ def test_signals_keep_the_task_ordering() -> None:
     """Across many cases the drawn tissue signals keep tumour below CSF on T2, far above it on FLAIR, dark on T1C."""
     t1c, t2, flair = 0, 1, 2
     for seed in range(200):
-        s = phantom._signals(np.random.default_rng(seed))
+        s = draw_signals(np.random.default_rng(seed))
         assert s["tumour"][t2] < s["csf"][t2] and s["tumour"][t2] > s["wm"][t2]
         assert s["tumour"][flair] > 5.0 * s["csf"][flair] and s["tumour"][flair] > s["gm"][flair]
         assert s["tumour"][t1c] < s["gm"][t1c] < s["wm"][t1c]
@@ -208,7 +211,7 @@ EXPECTED_PHYSICS = {
 }
 
 
-@pytest.mark.parametrize("sequence", phantom.SEQUENCES)
+@pytest.mark.parametrize("sequence", SEQUENCES)
 def test_dicom_series_are_readable_12_bit_mr_images(study: StudyManifest, sequence: str) -> None:
     """Each series reads back as one regular volume of 12-bit MR images with the study's identity and physics."""
     volume, truth, datasets = _series(study, sequence)
@@ -239,11 +242,11 @@ def test_acquisition_grids_are_varied_and_oblique() -> None:
     tilts = []
     for seed in range(40):
         rng = np.random.default_rng(seed)
-        axial = phantom._axial(rng, "t2", "T2 TSE AX", "clinical", head, tumour)
+        axial = axial_grid(rng, "t2", "T2 TSE AX", "clinical", head, tumour)
         assert axial.shape[1:] == (256, 256) and 22 <= axial.shape[0] <= 40
         assert axial.thickness_mm in (4.0, 5.0) and 0.85 < axial.pixel_mm < 0.95
         tilts.append(np.degrees(np.arccos(abs(axial.axes[2, 2]))))
-        sagittal = phantom._sagittal(rng, "t1c", "T1 MPRAGE SAG +C", "clinical", head, tumour)
+        sagittal = sagittal_grid(rng, "t1c", "T1 MPRAGE SAG +C", "clinical", head, tumour)
         assert sagittal.shape == (176, 256, 256) and abs(sagittal.axes[0, 2]) > np.cos(np.radians(10))
     tilted = [t for t in tilts if t > 1.0]
     assert 0 < len(tilted) < len(tilts) and all(4.0 < t < 21.0 for t in tilted)
@@ -257,7 +260,7 @@ def test_tumour_centroid_agrees_between_dicom_and_nifti(case: PhantomCase, study
     seg = np.asarray(img.dataobj)  # (i, j, k)
     ras = nib.affines.apply_affine(img.affine, np.argwhere(seg).mean(axis=0))
     lps = ras * np.array([-1.0, -1.0, 1.0])
-    for sequence in phantom.SEQUENCES:
+    for sequence in SEQUENCES:
         volume, truth, _ = _series(study, sequence)
         on_series = volume.index_to_patient(np.argwhere(truth)[:, ::-1].mean(axis=0))
         assert np.linalg.norm(on_series - lps) < 1.5, sequence

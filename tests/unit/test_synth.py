@@ -34,7 +34,7 @@ from dmg_node.training.evaluate import dice
 from dmg_node.training.heldout import ShiftCase, shift_table
 from dmg_node.training.train import train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COARSE = 3.0  # mm: the coarsest case grid render() takes, fast enough for tests
 
 
