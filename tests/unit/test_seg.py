@@ -297,7 +297,7 @@ def _raw(p: Pipeline) -> dict[str, Any]:
 
 def test_series_highdicom_cannot_encode_is_logged_and_the_rtstruct_still_goes(tmp_path: Path, monkeypatch: Any) -> None:
     """A SEG that cannot be built is a seg_failed error line; the RTSTRUCT is queued to every destination that wants it."""
-    import dmg_node.seg_output as seg_output
+    from dmg_node import seg_output
 
     def refuse(*_a: Any, **_k: Any) -> Dataset:
         raise SegError("highdicom cannot encode this series as a SEG: ValueError: test")
