@@ -45,6 +45,9 @@ from dmg_node.volume import Volume
 log = structlog.get_logger(__name__)
 
 # Content Label (CS, 16 characters, PS3.3 C.10.9): upper-case letters, digits, space and underscore.
+# Patient and General Study attributes highdicom copies as if present (Type 2, PS3.3 C.7.1.1, C.7.2.1).
+_TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "StudyID",
+                 "AccessionNumber", "ReferringPhysicianName")
 _CS_ALLOWED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 _")
 
 
@@ -117,10 +120,10 @@ def build_seg(
         raise SegError(str(exc)) from exc
     stacked = np.stack([m for _, m in rois], axis=-1).astype(np.uint8)
     if volume.frame_numbers is None:
-        images = [by_uid[uid] for uid in volume.sop_instance_uids]
+        images = [_stand_in(by_uid[uid], volume) for uid in volume.sop_instance_uids]
         frames = stacked
     else:
-        images = [by_uid[volume.sop_instance_uids[0]]]
+        images = [_stand_in(by_uid[volume.sop_instance_uids[0]], volume)]
         frames = np.zeros_like(stacked)
         frames[[n - 1 for n in volume.frame_numbers]] = stacked
     reference = images[0]
@@ -162,6 +165,22 @@ def build_seg(
     log.info("seg_built", sop_uid=meta.sop_instance_uid, segments=len(rois), frames=int(ds.NumberOfFrames),
              voxels=int(np.count_nonzero(mask)))
     return ds
+
+
+def _stand_in(ds: Dataset, volume: Volume) -> Dataset:
+    """A header-only view of a source image that highdicom can copy from (PS3.3 C.7.1.1, C.7.2.1, C.7.6.2).
+
+    highdicom reads Type 2 patient and study attributes and Slice Thickness (MR Image, Type 2) as
+    if they were always present; a source without them would make no SEG. They are added empty
+    (Slice Thickness: the volume's slice spacing); the source itself is not changed.
+    """
+    item = Dataset({elem.tag: elem for elem in ds if elem.keyword != "PixelData"})
+    for keyword in _TYPE2_COPIED:
+        if keyword not in item:
+            setattr(item, keyword, "")
+    if volume.frame_numbers is None and "SliceThickness" not in item:
+        item.SliceThickness = format_number_as_ds(float(volume.spacing[2]))
+    return item
 
 
 def _segment(number: int, roi: RoiSpec, meta: SegMeta) -> SegmentDescription:

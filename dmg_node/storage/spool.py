@@ -572,6 +572,10 @@ class Spool:
         paths = [r[0] for r in self._query("SELECT path FROM instances WHERE study_instance_uid = ?", (study_uid,))]
         paths += [r[0] for r in self._query("SELECT DISTINCT path FROM outbox WHERE study_instance_uid = ?",
                                             (study_uid,))]
+        # an RTSTRUCT or SEG no destination was sent (formats) has no outbox row, only its record
+        paths += [r[0] for r in self._query("SELECT path FROM rtstructs WHERE study_instance_uid = ? UNION"
+                                            " SELECT path FROM segs WHERE study_instance_uid = ?", (study_uid, study_uid))]
+        paths = list(dict.fromkeys(paths))
         with self._tx() as db:
             for table in ("instances", "series", "outbox", "rtstructs", "segs", "jobs", "studies"):
                 db.execute(f"DELETE FROM {table} WHERE study_instance_uid = ?", (study_uid,))  # noqa: S608

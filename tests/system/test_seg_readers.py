@@ -27,13 +27,15 @@ from tests.unit.test_rtstruct import (
     make_series,
     tumour,
 )
-from tests.unit.test_seg import SEG_META, mask_from_seg
+from tests.unit.test_seg import SEG_META, bare_series, mask_from_seg
 
 
-@pytest.mark.parametrize("name", ["axial", "oblique", "sagittal", "coronal", "negated", "enhanced"])
+@pytest.mark.parametrize("name", ["axial", "oblique", "sagittal", "coronal", "negated", "enhanced", "bare"])
 def test_dciodvfy_finds_no_error_in_the_seg(name: str, tmp_path: Path) -> None:
-    """Single-frame stacks in every orientation and an Enhanced MR source give a SEG dciodvfy passes (QA note and a second segment included)."""
-    source = [make_enhanced(GEOMETRIES["oblique"])] if name == "enhanced" else make_series(GEOMETRIES[name])
+    """Single-frame stacks in every orientation, an Enhanced MR source and a source without Type 2 attributes give a SEG
+    dciodvfy passes (QA note and a second segment included)."""
+    source = ([make_enhanced(GEOMETRIES["oblique"])] if name == "enhanced" else bare_series() if name == "bare"
+              else make_series(GEOMETRIES[name]))
     volume = build_volume(source)
     mask = tumour(volume.array.shape, hole=True)
     flagged = replace(ROI, description="QA FLAG: volume 0.4 ml below qa.min_ml 1.0")

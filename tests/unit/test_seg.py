@@ -179,6 +179,29 @@ def test_bad_input_raises_seg_error() -> None:
         build_seg(series[1:], volume, tumour(volume.array.shape), ROI, SEG_META)
 
 
+BARE = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "StudyID",
+        "AccessionNumber", "ReferringPhysicianName", "SliceThickness")
+
+
+def bare_series() -> list[Dataset]:
+    """An axial series without its Type 2 patient and study attributes and Slice Thickness (seen in anonymised data)."""
+    series = make_series(GEOMETRIES["axial"])
+    for ds in series:
+        for keyword in BARE:
+            delattr(ds, keyword)
+    return series
+
+
+def test_source_without_type2_attributes_still_gives_a_seg() -> None:
+    """highdicom needs them present: they go in empty (Slice Thickness: the slice spacing) and the source is untouched."""
+    series = bare_series()
+    volume = build_volume(series)
+    seg = round_trip(build_seg(series, volume, tumour(volume.array.shape), ROI, SEG_META))
+    assert seg.PatientID == "" and seg.StudyDate == ""
+    assert float(seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].SliceThickness) == 3.0
+    assert not any(keyword in ds for ds in series for keyword in BARE) and all("PixelData" in ds for ds in series)
+
+
 def test_long_source_decimal_strings_are_fitted() -> None:
     """Positions the source wrote with full float precision are cut to 16 characters (DS, PS3.5 6.2)."""
     source = make_enhanced(GEOMETRIES["oblique"])  # its positions are unrounded floats
@@ -311,3 +334,18 @@ def test_series_highdicom_cannot_encode_is_logged_and_the_rtstruct_still_goes(tm
     assert [e["event"] for e in logs if e["event"].startswith("seg_")] == ["seg_failed"]
     rt_class = "1.2.840.10008.5.1.4.1.1.481.3"
     assert _outbox(p.spool) == {"tps": {rt_class}, "pacs": {rt_class}}
+
+
+def test_spool_keeps_seg_and_rtstruct_records_apart(tmp_path: Path) -> None:
+    """The same key with kind "seg" is its own record (one of each per key); delete_study removes both files, sent or not."""
+    from dmg_node.records import RtStructKey
+
+    sp = Spool(tmp_path)
+    key = RtStructKey("1.2.3", "demo-t2", "0.2.0", "f" * 64)
+    rt_path = sp.add_outbox(1, "1.2", "1.2.3", "9.1", b"RT", [], now=0.0, key=key)  # no destination wants it
+    seg_path = sp.add_outbox(1, "1.2", "1.2.3", "9.2", b"SEG", ["pacs"], now=0.0, key=replace(key, kind="seg"))
+    assert [r.sop_instance_uid for r in sp.rtstructs_for("1.2.3", "f" * 64)] == ["9.1"]
+    assert [r.sop_instance_uid for r in sp.rtstructs_for("1.2.3", "f" * 64, kind="seg")] == ["9.2"]
+    assert [(r["sop_instance_uid"], r["destination"]) for r in sp.outbox()] == [("9.2", "pacs")]
+    assert sp.delete_study("1.2") == 2 and not rt_path.exists() and not seg_path.exists()
+    assert sp.rtstructs_for("1.2.3", "f" * 64, kind="seg") == []
