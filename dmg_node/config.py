@@ -147,12 +147,23 @@ class TlsSettings:
     require_client_cert: bool = True
 
 
+class OutputFormat(StrEnum):
+    """What a destination is sent (``destinations.formats``): the RTSTRUCT, the DICOM SEG, or both."""
+
+    RTSTRUCT = "rtstruct"
+    SEG = "seg"
+
+
 @dataclass(frozen=True)
 class Destination:
     name: str
     ae_title: str
     host: str
     port: int
+    formats: tuple[OutputFormat, ...] = (OutputFormat.RTSTRUCT,)
+
+    def wants(self, fmt: OutputFormat) -> bool:
+        return fmt in self.formats
 
 
 @dataclass(frozen=True)
@@ -515,6 +526,10 @@ def _check_cross_rules(settings: Settings, where: str) -> None:
                           f"found {qa.consensus_roi_name!r}")
     if qa.min_ml > qa.max_ml:
         raise ConfigError(f"{where}: 'qa.min_ml' ({qa.min_ml:g}) must not exceed 'qa.max_ml' ({qa.max_ml:g})")
+    for dest in settings.destinations:
+        if not dest.formats or len(set(dest.formats)) != len(dest.formats):
+            raise ConfigError(f"{where}: destination {dest.name!r} 'destinations.formats' must list rtstruct and/or "
+                              f"seg, each once; found {[f.value for f in dest.formats]}")
     names = [d.name for d in settings.destinations]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:

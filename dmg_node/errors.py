@@ -37,3 +37,7 @@ class RtStructError(DmgNodeError):
 
 class JobInterrupted(DmgNodeError):
     """The node is stopping: the job stops at a series boundary and is requeued."""
+
+
+class SegError(DmgNodeError):
+    """A DICOM Segmentation could not be built from a mask and its source series."""

@@ -26,11 +26,12 @@ from pydicom.uid import generate_uid
 from dmg_node import __version__
 from dmg_node.classify import Choice, Label, choose, classify, header_from_series
 from dmg_node.completeness import incompleteness
-from dmg_node.config import QaPolicy, QaSettings, RtStructSettings, Settings
+from dmg_node.config import OutputFormat, QaPolicy, QaSettings, RtStructSettings, Settings
 from dmg_node.dicomfiles import read_datasets
 from dmg_node.errors import JobInterrupted, RtStructError, SeriesError
 from dmg_node.records import Job, RtStructKey
 from dmg_node.rtstruct import RoiSpec, RtStructMeta, build_rtstruct
+from dmg_node.seg_output import SegTarget, queue_seg, reuse_seg, rtstruct_rois
 from dmg_node.segment.qa import (
     ContourQa,
     FlagCode,
@@ -126,7 +127,6 @@ class Pipeline:
             log.warning("sequence_skipped_no_model", label=label.value, series_uid=series_uid)
             self.skipped.append({"label": label.value, "series_uid": series_uid, "reason": "no usable model"})
             return None
-        dests = [d.name for d in self.settings.destinations]
         try:
             datasets = read_datasets(paths)
             incomplete = incompleteness(datasets)
@@ -152,9 +152,14 @@ class Pipeline:
             # same instances, same model version: the RTSTRUCT made before (a rerun after a crash,
             # or a study reprocessed for another series) is queued again, never made anew. It
             # was checked by the contour QA when it was made; it is not compared again here.
+            dests = self._dests(OutputFormat.RTSTRUCT)
             self.spool.requeue_rtstruct(job.id, job.study_instance_uid, series_uid, prior, dests, time.time())
             log.info("rtstruct_reused", label=label.value, series_uid=series_uid, sop_uid=prior.sop_instance_uid,
                      model=prior.model, model_version=prior.model_version, destinations=dests)
+            if self._dests(OutputFormat.SEG):
+                made_by = next(m for m in model.models if (m.name, m.version) == (prior.model, prior.model_version))
+                reuse_seg(self.spool, job, label, datasets, fingerprint, prior, made_by,
+                          self._seg_target(datasets, label, made_by))
             return None
         assert contour is not None
         return Segmented(label, series_uid, datasets, contour, fingerprint)
@@ -202,17 +207,30 @@ class Pipeline:
             return None
         buf = io.BytesIO()
         dataset.save_as(buf, enforce_file_format=True)
-        dests = [d.name for d in self.settings.destinations]
+        dests = self._dests(OutputFormat.RTSTRUCT)  # made even when no one wants it: the exactly-once record
         sop_uid = str(dataset.SOPInstanceUID)
         key = RtStructKey(series_uid, seg.contour.model.name, seg.contour.model.version, seg.fingerprint)
         path = self.spool.add_outbox(job.id, job.study_instance_uid, series_uid, sop_uid, buf.getvalue(), dests,
                                      time.time(), key=key)
         log.info("rtstruct_written", label=label.value, series_uid=series_uid, sop_uid=sop_uid, path=str(path),
                  destinations=dests, qa_flags=[f.code.value for f in check.flags] if check else [])
+        if self._dests(OutputFormat.SEG):
+            queue_seg(self.spool, job, label, seg.datasets, seg.fingerprint, seg.contour.volume, seg.contour.model,
+                      rtstruct_rois(dataset, seg.contour.mask.astype(bool), extra),
+                      self._seg_target(seg.datasets, label, seg.contour.model))
         if check is not None and flagged:
             self.spool.set_series_result(series_uid, label.value, f"queued, {check.note()}; {reason}"[:REASON_MAX_CHARS])
         return SeriesOutput(label, series_uid, sop_uid, seg.contour.voxels,
                             tuple(f.code.value for f in check.flags) if check else ())
+
+    def _dests(self, fmt: OutputFormat) -> list[str]:
+        """Names of the destinations that are sent *fmt* (``destinations.formats``)."""
+        return [d.name for d in self.settings.destinations if d.wants(fmt)]
+
+    def _seg_target(self, datasets: list[Dataset], label: Label, model: Routable) -> SegTarget:
+        """The SEG's destinations and the series identity of the RTSTRUCT it goes beside."""
+        identity = _series_identity(datasets, label, model, self.settings.rtstruct)
+        return SegTarget(self._dests(OutputFormat.SEG), identity, self.settings.node.ae_title)
 
 
 def series_fingerprint(datasets: list[Dataset]) -> str:

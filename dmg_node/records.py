@@ -111,15 +111,16 @@ class OutboxItem:
 
 @dataclass(frozen=True)
 class RtStructKey:
-    """What one RTSTRUCT was made from: the source series, exactly which instances, and the model.
+    """What one RTSTRUCT (or SEG) was made from: the source series, exactly which instances, and the model.
 
-    One RTSTRUCT per key reaches each destination, whatever restarts or reprocessing happen.
+    One RTSTRUCT (and one SEG) per key reaches each destination, whatever restarts or reprocessing happen.
     """
 
     source_series_uid: str
     model: str
     model_version: str
     fingerprint: str  # sha256 of the sorted SOP Instance UIDs of the series
+    kind: str = "rtstruct"  # or "seg": each output format is made once per key
 
 
 @dataclass(frozen=True)

@@ -131,7 +131,21 @@ CREATE TABLE IF NOT EXISTS rtstructs (  -- one RTSTRUCT per (series, its instanc
     created_at REAL NOT NULL,
     PRIMARY KEY (source_series_uid, model, model_version, fingerprint)
 );
+CREATE TABLE IF NOT EXISTS segs (  -- the same for DICOM SEGs (no version bump: an older node ignores it)
+    source_series_uid TEXT NOT NULL,
+    model TEXT NOT NULL,
+    model_version TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    study_instance_uid TEXT NOT NULL,
+    sop_instance_uid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    job_id INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (source_series_uid, model, model_version, fingerprint)
+);
 """
+# The table that makes each kind of output exactly-once (RtStructKey.kind).
+_MADE_TABLES = {"rtstruct": "rtstructs", "seg": "segs"}
 
 
 def safe_component(uid: str) -> str:
@@ -467,7 +481,7 @@ class Spool:
             self._queue(db, job_id, study_uid, source_series_uid, sop_uid, rel, destinations, now)
             if key is not None:
                 db.execute(
-                    "INSERT OR REPLACE INTO rtstructs VALUES (?,?,?,?,?,?,?,?,?)",
+                    f"INSERT OR REPLACE INTO {_MADE_TABLES[key.kind]} VALUES (?,?,?,?,?,?,?,?,?)",
                     (key.source_series_uid, key.model, key.model_version, key.fingerprint, study_uid, sop_uid, rel,
                      job_id, now),
                 )
@@ -483,10 +497,11 @@ class Spool:
                 (job_id, study_uid, source_series_uid, sop_uid, rel, dest, now, now),
             )
 
-    def rtstructs_for(self, source_series_uid: str, fingerprint: str) -> list[RtStructRecord]:
-        """RTSTRUCTs already made from exactly these instances of the series (any model), whose file exists."""
+    def rtstructs_for(self, source_series_uid: str, fingerprint: str, kind: str = "rtstruct") -> list[RtStructRecord]:
+        """RTSTRUCTs (or with *kind* ``"seg"``, SEGs) already made from exactly these instances of the series
+        (any model), whose file exists."""
         rows = self._query(
-            "SELECT model, model_version, sop_instance_uid, path FROM rtstructs"
+            f"SELECT model, model_version, sop_instance_uid, path FROM {_MADE_TABLES[kind]}"
             " WHERE source_series_uid = ? AND fingerprint = ? ORDER BY created_at",
             (source_series_uid, fingerprint),
         )
@@ -557,8 +572,12 @@ class Spool:
         paths = [r[0] for r in self._query("SELECT path FROM instances WHERE study_instance_uid = ?", (study_uid,))]
         paths += [r[0] for r in self._query("SELECT DISTINCT path FROM outbox WHERE study_instance_uid = ?",
                                             (study_uid,))]
+        # an RTSTRUCT or SEG no destination was sent (formats) has no outbox row, only its record
+        paths += [r[0] for r in self._query("SELECT path FROM rtstructs WHERE study_instance_uid = ? UNION"
+                                            " SELECT path FROM segs WHERE study_instance_uid = ?", (study_uid, study_uid))]
+        paths = list(dict.fromkeys(paths))
         with self._tx() as db:
-            for table in ("instances", "series", "outbox", "rtstructs", "jobs", "studies"):
+            for table in ("instances", "series", "outbox", "rtstructs", "segs", "jobs", "studies"):
                 db.execute(f"DELETE FROM {table} WHERE study_instance_uid = ?", (study_uid,))  # noqa: S608
         removed = 0
         keep = {self.root, self.root / "studies", self.root / "outbox"}
