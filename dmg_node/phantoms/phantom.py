@@ -14,6 +14,10 @@ included. These are test and training data only; nothing here is clinically vali
 
 Geometry follows :mod:`dmg_node.volume`: arrays are (slices, rows, columns) and affines map
 (column i, row j, slice k) to LPS mm. NIfTI affines are RAS: x and y negated.
+
+One module because a case and its two writers (DICOM series on acquisition grids, NIfTI pairs)
+share the seed-to-UID rules and the grid conventions; anatomy, tumour and the randomized
+generator live in their own modules.
 """
 
 from __future__ import annotations

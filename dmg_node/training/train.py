@@ -10,6 +10,9 @@ logged, the best generator kept and a resumable checkpoint written.
 
 Outputs in ``out_dir``: ``generator.pt``, ``generator.onnx`` and ``manifest.json`` (best
 epoch). Scratch in ``work_dir`` (default ``out_dir/work``): the cache and ``checkpoint.pt``.
+
+One module because the GAN step, the epoch loop, validation, calibration and checkpoint/resume
+are one training run that shares its state (optimizers, schedulers, best epoch) throughout.
 """
 
 from __future__ import annotations
