@@ -35,7 +35,7 @@ def _settings(args: argparse.Namespace) -> config.Settings:
     settings = config.load(args.config)
     level = "debug" if getattr(args, "verbose", False) else settings.logging.level
     # serve logs to stdout (the journal); other commands keep stdout for their own output
-    stream = None if args.command == "serve" else sys.stderr
+    stream = None if args.command in ("serve", "inference-serve") else sys.stderr
     logs.configure(level, settings.logging.format, settings.logging.include_phi, stream=stream)
     return settings
 
@@ -57,6 +57,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
         node.wait()
     finally:
         node.stop()
+    return EXIT_OK
+
+
+def cmd_inference_serve(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    try:
+        from dmg_node.serving.run import serve_until
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.split(".")[0] not in ("ray", "starlette"):
+            raise
+        print(f"dmg-node: 'inference-serve' needs Ray Serve ({exc.name} is not installed): "
+              "pip install 'dmg-node[ray]' (from a checkout: pip install -e '.[ray]')", file=sys.stderr)
+        return EXIT_FAILURE
+    import threading
+
+    stop = threading.Event()
+
+    def _on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal_received", signal=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    serve_until(settings, args.address or settings.inference.address, args.http_host, args.http_port, stop)
     return EXIT_OK
 
 
@@ -117,6 +141,11 @@ def _format_status(report: dict[str, Any], settings: config.Settings) -> str:
             lines.append(f"  model {seq}: " + ", then ".join(
                 f"{x['name']} {x['version']}" + (f" (series <= {x['max_spacing_mm']:g} mm)" if x.get("max_spacing_mm") else "")
                 for x in members) + f" on {m['device']}")
+        inference = live.get("inference") or {}
+        if inference.get("error"):
+            wait = max(0.0, float(inference.get("retry_at") or 0) - time.time())
+            lines.append(f"  inference ({inference['backend']}) unavailable, {inference['consecutive_failures']} "
+                         f"failure(s) in a row, next try in {wait:.0f} s: {inference['error']}")
     else:
         lines.append(f"node not running (spool {settings.storage.root})")
     states: dict[str, int] = {}
@@ -287,6 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = with_config(sub.add_parser("serve", help="run the node (SCP, assembly, segmentation, sending)"))
     s.set_defaults(func=cmd_serve)
+    s = with_config(sub.add_parser("inference-serve", help="deploy the models on a Ray cluster as a Serve application "
+                                   "(nodes with [inference] backend = \"ray\" use it; needs the [ray] extra)"))
+    s.add_argument("--address", help="Ray cluster address (default: inference.address)")
+    s.add_argument("--http-host", default="127.0.0.1", help="Serve HTTP proxy address (0.0.0.0: all interfaces)")
+    s.add_argument("--http-port", type=int, default=8000, help="Serve HTTP proxy port")
+    s.set_defaults(func=cmd_inference_serve)
     s = with_config(sub.add_parser("echo", help="C-ECHO the configured destinations"))
     s.add_argument("destination", nargs="?", help="destination name (default: all)")
     s.add_argument("--timeout", type=float, default=10.0)

@@ -20,7 +20,7 @@ from dmg_node import config as config_mod
 from dmg_node.assemble import due_studies
 from dmg_node.classify import Label
 from dmg_node.config import DuplicatePolicy, Settings
-from dmg_node.errors import ConfigError, DmgNodeError
+from dmg_node.errors import ConfigError, DmgNodeError, InferenceUnavailable
 from dmg_node.fsutil import atomic_write
 from dmg_node.net.outbox import OutboxWorker
 from dmg_node.net.scp import Receiver
@@ -54,6 +54,11 @@ class Node:
         self._config_text = self._read_config_text()
         self._watcher: Watcher | None = None
         self.started = time.time()
+        # [inference] backend = "ray": while the Serve application does not answer, jobs wait in
+        # the spool and the job worker pauses with backoff (receiving goes on)
+        self._inference_failures = 0
+        self._inference_retry_at = 0.0
+        self._inference_error: str | None = None
 
     def start(self) -> None:
         self.spool.claim_ownership()
@@ -127,6 +132,9 @@ class Node:
                 self._job_wake.clear()
                 continue
             self._run_job(job)
+            pause = self._inference_retry_at - time.time()
+            if pause > 0:
+                self._stop.wait(pause)
 
     def _run_job(self, job: Job) -> None:
         structlog.contextvars.bind_contextvars(job_id=job.id, study_uid=job.study_instance_uid)
@@ -135,6 +143,8 @@ class Node:
         try:
             try:
                 outputs = self.pipeline.run(job)
+            except InferenceUnavailable as exc:
+                self._defer_job(job, exc)
             except Exception as exc:  # noqa: BLE001 - whatever one study does, the worker must live
                 # RuntimeError covers torch failures (including CUDA OOM, a RuntimeError subclass);
                 # anything else (a library choking on a malformed series) fails this job, not the node.
@@ -143,12 +153,34 @@ class Node:
                 self._finish(job, JobState.FAILED if failed else JobState.PENDING, error)
                 log.error("job_failed", error=error, attempt=job.attempts, final=failed)
             else:
+                if self._inference_failures:
+                    log.info("inference_available", after_failures=self._inference_failures)
+                self._inference_failures, self._inference_retry_at, self._inference_error = 0, 0.0, None
                 self._finish(job, JobState.DONE, None)
                 log.info("job_done", rtstructs=len(outputs), duration_ms=round((time.perf_counter() - t0) * 1000))
                 for w, _stop in self._outbox.values():
                     w.wake.set()
         finally:
             structlog.contextvars.unbind_contextvars("job_id", "study_uid")
+
+    def _defer_job(self, job: Job, exc: InferenceUnavailable) -> None:
+        """Inference did not answer: the job waits in the spool (no attempt counted) and the worker
+        pauses, doubling the pause each time up to ``inference.retry_max_seconds``."""
+        inf = self.settings.inference
+        self._inference_failures += 1
+        delay = min(inf.retry_initial_seconds * 2 ** (self._inference_failures - 1), inf.retry_max_seconds)
+        self._inference_retry_at = time.time() + delay
+        self._inference_error = str(exc)[:300]
+        while True:
+            try:
+                self.spool.requeue_job(job.id, time.time(), f"waiting for inference: {self._inference_error}")
+                break
+            except (DmgNodeError, OSError) as err:
+                log.error("worker_error", worker="jobs", error=f"{type(err).__name__}: {err}")
+                if self._stop.wait(self.settings.assembly.poll_seconds):
+                    return
+        log.warning("inference_unavailable", error=self._inference_error, retry_in_seconds=round(delay, 1),
+                    consecutive_failures=self._inference_failures)
 
     def _finish(self, job: Job, state: JobState, error: str | None) -> None:
         """Record the job's end; while the index cannot be written (a full disk), retry each poll.
@@ -272,6 +304,9 @@ class Node:
             "associations": self.receiver.active_associations(),
             "models": {k.value: {"name": m.name, "version": m.version, "device": str(m.device), "members": m.describe()}
                        for k, m in models.items()},
+            "inference": {"backend": str(self.settings.inference.backend), "available": self._inference_error is None,
+                          "consecutive_failures": self._inference_failures, "error": self._inference_error,
+                          "retry_at": self._inference_retry_at or None},
         }
         try:
             atomic_write(self.spool.root / STATUS_FILE, json.dumps(state).encode(), sync=False)
