@@ -10,8 +10,9 @@ import argparse
 import json
 import signal
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -45,13 +46,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from dmg_node.node import Node
 
     node = Node(settings)
-
-    def _on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("signal_received", signal=signal.Signals(signum).name)
-        node.request_stop()
-
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
+    _stop_on_signals(node.request_stop)
     node.start()
     try:
         node.wait()
@@ -60,26 +55,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _stop_on_signals(stop: Callable[[], None]) -> None:
+    def _on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal_received", signal=signal.Signals(signum).name)
+        stop()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+
+
 def cmd_inference_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     try:
         from dmg_node.serving.run import serve_until
     except ModuleNotFoundError as exc:
-        if exc.name is None or exc.name.split(".")[0] not in ("ray", "starlette"):
+        if (exc.name or "").split(".")[0] not in ("ray", "starlette"):
             raise
         print(f"dmg-node: 'inference-serve' needs Ray Serve ({exc.name} is not installed): "
               "pip install 'dmg-node[ray]' (from a checkout: pip install -e '.[ray]')", file=sys.stderr)
         return EXIT_FAILURE
-    import threading
-
     stop = threading.Event()
-
-    def _on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("signal_received", signal=signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
+    _stop_on_signals(stop.set)
     serve_until(settings, args.address or settings.inference.address, args.http_host, args.http_port, stop)
     return EXIT_OK
 
@@ -316,8 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = with_config(sub.add_parser("serve", help="run the node (SCP, assembly, segmentation, sending)"))
     s.set_defaults(func=cmd_serve)
-    s = with_config(sub.add_parser("inference-serve", help="deploy the models on a Ray cluster as a Serve application "
-                                   "(nodes with [inference] backend = \"ray\" use it; needs the [ray] extra)"))
+    s = with_config(sub.add_parser("inference-serve", help="serve the models on a Ray cluster (Ray Serve) for nodes "
+                                   "with [inference] backend = \"ray\"; needs the [ray] extra"))
     s.add_argument("--address", help="Ray cluster address (default: inference.address)")
     s.add_argument("--http-host", default="127.0.0.1", help="Serve HTTP proxy address (0.0.0.0: all interfaces)")
     s.add_argument("--http-port", type=int, default=8000, help="Serve HTTP proxy port")
