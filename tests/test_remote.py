@@ -33,7 +33,14 @@ from dmg_node.segment.remote import (
     encode_volume,
 )
 from dmg_node.volume import Volume
-from tests.support import LOCALHOST, free_port, running_node, running_storescp, storescu, write_series
+from tests.support import (
+    LOCALHOST,
+    free_port,
+    running_node,
+    running_storescp,
+    storescu,
+    write_series,
+)
 
 Handler = Callable[[http.server.BaseHTTPRequestHandler, bytes], None]
 

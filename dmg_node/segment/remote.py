@@ -41,6 +41,7 @@ HTTP_OK = 200
 HTTP_UNPROCESSABLE = 422  # the series cannot be segmented (no model admits it, constant image): not retried
 MODEL_HEADER = "x-dmg-model"
 VERSION_HEADER = "x-dmg-model-version"
+SECONDS_HEADER = "x-dmg-predict-seconds"  # the replica's own time for the volume (the rest is the hop)
 
 
 def encode_volume(volume: Volume) -> bytes:

@@ -22,18 +22,23 @@ window after window on the replica, and volumes differ in shape; concurrency com
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 from typing import Any
 
-import structlog
 from ray import serve
 
 from dmg_node.config import Settings
 from dmg_node.errors import SeriesError
-from dmg_node.segment.remote import CONTENT_TYPE, MODEL_HEADER, VERSION_HEADER, decode_volume, encode_mask
+from dmg_node.segment.remote import (
+    CONTENT_TYPE,
+    MODEL_HEADER,
+    SECONDS_HEADER,
+    VERSION_HEADER,
+    decode_volume,
+    encode_mask,
+)
 from dmg_node.segment.routing import admits
-
-log = structlog.get_logger(__name__)
 
 HTTP_NOT_FOUND = 404
 HTTP_UNPROCESSABLE = 422
@@ -58,12 +63,14 @@ class ModelReplica:
                 "device": s.device, "revision": self.revision}
 
     def predict(self, payload: bytes) -> dict[str, Any]:
-        """Segment one encoded volume: ``{"mask", "name", "version"}`` or ``{"rejected": reason}``."""
+        """Segment one encoded volume: ``{"mask", "name", "version", "seconds"}`` or ``{"rejected": reason}``."""
+        start = time.perf_counter()
         try:
             mask = self.segmenter.predict(decode_volume(payload))
         except SeriesError as exc:
             return {"rejected": str(exc)}
-        return {"mask": encode_mask(mask), "name": self.segmenter.name, "version": self.segmenter.version}
+        return {"mask": encode_mask(mask), "name": self.segmenter.name, "version": self.segmenter.version,
+                "seconds": time.perf_counter() - start}
 
 
 class Router:
@@ -104,7 +111,8 @@ class Router:
                 if "rejected" in result:
                     return PlainTextResponse(result["rejected"], status_code=HTTP_UNPROCESSABLE)
                 return Response(result["mask"], media_type=CONTENT_TYPE,
-                                headers={MODEL_HEADER: result["name"], VERSION_HEADER: result["version"]})
+                                headers={MODEL_HEADER: result["name"], VERSION_HEADER: result["version"],
+                                         SECONDS_HEADER: f"{result['seconds']:.4f}"})
         return PlainTextResponse(f"no {sequence} model among {deployed} is meant for a series of "
                                  f"{max(spacing):.2f} mm voxel spacing", status_code=HTTP_UNPROCESSABLE)
 

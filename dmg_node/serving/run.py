@@ -22,7 +22,13 @@ from dmg_node.config import Settings
 from dmg_node.errors import ModelError
 from dmg_node.segment.manifest import load_manifest
 from dmg_node.segment.registry import SETTLE_SECONDS, Signature, folder_signature
-from dmg_node.serving.app import build_model_app, build_router_app, configured_folders, model_app, revision
+from dmg_node.serving.app import (
+    build_model_app,
+    build_router_app,
+    configured_folders,
+    model_app,
+    revision,
+)
 
 log = structlog.get_logger(__name__)
 
