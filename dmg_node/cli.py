@@ -315,8 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = with_config(sub.add_parser("inference-serve", help="serve the models on a Ray cluster (Ray Serve) for nodes "
                                    "with [inference] backend = \"ray\"; needs the [ray] extra"))
     s.add_argument("--address", help="Ray cluster address (default: inference.address)")
-    s.add_argument("--http-host", default="127.0.0.1", help="Serve HTTP proxy address (0.0.0.0: all interfaces)")
-    s.add_argument("--http-port", type=int, default=8000, help="Serve HTTP proxy port")
+    s.add_argument("--http-host", default="127.0.0.1", help="Serve HTTP proxy address, where Serve is not yet running")
+    s.add_argument("--http-port", type=int, default=8000, help="Serve HTTP proxy port (likewise)")
     s.set_defaults(func=cmd_inference_serve)
     s = with_config(sub.add_parser("echo", help="C-ECHO the configured destinations"))
     s.add_argument("destination", nargs="?", help="destination name (default: all)")

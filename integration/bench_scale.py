@@ -127,12 +127,14 @@ def main() -> None:
         try:
             models = work / "models"
             shutil.copytree(ROOT / "models" / "demo-t2", models / "demo-t2")
+            http_port = free_port()  # Serve's proxy outlives an application: both rounds use it
             for replicas in (1, 2):
-                app = ServeApp(work / f"serve{replicas}", models, free_port(), SERVED,
+                app = ServeApp(work / f"serve{replicas}", models, http_port, SERVED,
                                {"num_replicas": replicas, "num_cpus": REPLICA_CPUS})
                 app.start(cluster.address)
                 try:
-                    inference = {"backend": "ray", "url": app.settings.url, "application": app.settings.application}
+                    inference = {"backend": "ray", "url": app.settings.url, "application": app.settings.application,
+                                 "retry_initial_seconds": 1, "retry_max_seconds": 5}
                     rounds[f"ray, {replicas} replica{'s' if replicas > 1 else ''}"] = run_round(
                         work / f"ray{replicas}", studies, inference)
                     if replicas == 1:

@@ -2,7 +2,7 @@
 
 One module-scoped cluster (``ray start --head`` on 127.0.0.1, its own temp dir and process
 group, killed by group at the end) and one ``dmg-node inference-serve``; DCMTK storescu sends,
-DCMTK storescp plays the TPS. About 5 minutes on 2 shared cores, so outside the default run:
+DCMTK storescp plays the TPS. 2-5 minutes on 2 shared cores, so outside the default run:
 ``pip install -e '.[test,ray]'`` then ``pytest -m ray``. Skipped, with the reason, where Ray Serve is
 not installed.
 """

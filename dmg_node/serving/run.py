@@ -129,6 +129,8 @@ def serve_until(settings: Settings, address: str, http_host: str, http_port: int
 
     ray.init(address=address, namespace="dmg-node", log_to_driver=False, logging_level="warning")
     try:
+        # Serve outlives its applications: where it already runs on the cluster, its proxy keeps
+        # the host and port it started with (Serve logs so); only a fresh Serve takes these
         serve.start(http_options={"host": http_host, "port": http_port})
         app = ServeApp(settings)
         app.start()
