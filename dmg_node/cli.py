@@ -11,8 +11,9 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -37,7 +38,7 @@ def _settings(args: argparse.Namespace) -> config.Settings:
     settings = config.load(args.config)
     level = "debug" if getattr(args, "verbose", False) else settings.logging.level
     # serve logs to stdout (the journal); other commands keep stdout for their own output
-    stream = None if args.command == "serve" else sys.stderr
+    stream = None if args.command in ("serve", "inference-serve") else sys.stderr
     logs.configure(level, settings.logging.format, settings.logging.include_phi, stream=stream)
     return settings
 
@@ -47,13 +48,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from dmg_node.node import Node
 
     node = Node(settings)
-
-    def _on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("signal_received", signal=signal.Signals(signum).name)
-        node.request_stop()
-
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
+    _stop_on_signals(node.request_stop)
     node.start()
     try:
         node.wait()
@@ -67,6 +62,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(EXIT_OK)
+    return EXIT_OK
+
+
+def _stop_on_signals(stop: Callable[[], None]) -> None:
+    def _on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal_received", signal=signal.Signals(signum).name)
+        stop()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+
+
+def cmd_inference_serve(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    try:
+        from dmg_node.serving.run import serve_until
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in ("ray", "starlette"):
+            raise
+        print(f"dmg-node: 'inference-serve' needs Ray Serve ({exc.name} is not installed): "
+              "pip install 'dmg-node[ray]' (from a checkout: pip install -e '.[ray]')", file=sys.stderr)
+        return EXIT_FAILURE
+    stop = threading.Event()
+    _stop_on_signals(stop.set)
+    serve_until(settings, args.address or settings.inference.address, args.http_host, args.http_port, stop)
     return EXIT_OK
 
 
@@ -139,6 +159,11 @@ def _format_status(report: dict[str, Any], settings: config.Settings) -> str:
             lines.append(f"  model {seq}: " + ", then ".join(
                 f"{x['name']} {x['version']}" + (f" (series <= {x['max_spacing_mm']:g} mm)" if x.get("max_spacing_mm") else "")
                 for x in members) + f" on {m['device']}")
+        inference = live.get("inference") or {}
+        if inference.get("error"):
+            wait = max(0.0, float(inference.get("retry_at") or 0) - time.time())
+            lines.append(f"  inference ({inference['backend']}) unavailable, {inference['consecutive_failures']} "
+                         f"failure(s) in a row, next try in {wait:.0f} s: {inference['error']}")
     else:
         lines.append(f"node not running (spool {settings.storage.root})")
     lines += [f"WARNING: {w}" for w in report.get("warnings", [])]
@@ -268,6 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = with_config(sub.add_parser("serve", help="run the node (SCP, assembly, segmentation, sending)"))
     s.set_defaults(func=cmd_serve)
+    s = with_config(sub.add_parser("inference-serve", help="serve the models on a Ray cluster (Ray Serve) for nodes "
+                                   "with [inference] backend = \"ray\"; needs the [ray] extra"))
+    s.add_argument("--address", help="Ray cluster address (default: inference.address)")
+    s.add_argument("--http-host", default="127.0.0.1", help="Serve HTTP proxy address, where Serve is not yet running")
+    s.add_argument("--http-port", type=int, default=8000, help="Serve HTTP proxy port (likewise)")
+    s.set_defaults(func=cmd_inference_serve)
     s = with_config(sub.add_parser("echo", help="C-ECHO the configured destinations"))
     s.add_argument("destination", nargs="?", help="destination name (default: all)")
     s.add_argument("--timeout", type=float, default=10.0)

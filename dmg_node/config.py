@@ -68,6 +68,13 @@ class DeviceKind(StrEnum):
     CUDA = "cuda"
 
 
+class InferenceBackend(StrEnum):
+    """Where segmentation runs (``inference.backend``): in this process, or on a Ray Serve application."""
+
+    LOCAL = "local"
+    RAY = "ray"
+
+
 @dataclass(frozen=True)
 class Device:
     """``models.device``: ``auto`` (a GPU when there is one), ``cpu``, ``cuda`` or ``cuda:N``."""
@@ -268,6 +275,28 @@ class QaSettings:
 
 
 @dataclass(frozen=True)
+class InferenceSettings:
+    """``[inference]``: local models, or a Ray Serve application shared by several nodes.
+
+    The node reads ``backend``, ``url``, ``application``, ``timeout_seconds`` and the retry keys;
+    ``dmg-node inference-serve`` reads ``address`` and the sizing keys (replicas, CPUs, GPUs).
+    """
+
+    backend: InferenceBackend = InferenceBackend.LOCAL
+    url: str = "http://127.0.0.1:8000"
+    application: str = "dmg-inference"
+    timeout_seconds: float = 300.0
+    retry_initial_seconds: float = 10.0
+    retry_max_seconds: float = 300.0
+    address: str = "auto"
+    num_replicas: int = 1
+    max_replicas: int = 0
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    max_ongoing_requests: int = 2
+
+
+@dataclass(frozen=True)
 class LoggingSettings:
     level: LogLevel = LogLevel.INFO
     format: LogFormat = LogFormat.JSON
@@ -299,6 +328,7 @@ class Settings:
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     web: WebSettings = field(default_factory=WebSettings)
     qa: QaSettings = field(default_factory=QaSettings)
+    inference: InferenceSettings = field(default_factory=InferenceSettings)
     source: Path | None = None
     # Compiled once from [classify] when the settings are built; every user reads these.
     rules: Rules = field(default_factory=compile_rules)
@@ -356,6 +386,14 @@ _RANGES: dict[str, tuple[float, float]] = {
     "qa.min_ml": (0, 10**4),
     "qa.max_ml": (0, 10**4),
     "qa.max_components": (1, 10**4),
+    "inference.timeout_seconds": (0.1, 86400),
+    "inference.retry_initial_seconds": (0.01, 86400),
+    "inference.retry_max_seconds": (0.01, 86400),
+    "inference.num_replicas": (1, 1000),
+    "inference.max_replicas": (0, 1000),
+    "inference.num_cpus": (0, 1024),
+    "inference.num_gpus": (0, 64),
+    "inference.max_ongoing_requests": (1, 1000),
 }
 # Field names whose TOML key is a Python keyword.
 _TOML_KEYS = {"import_": "import"}
@@ -534,6 +572,12 @@ def _check_cross_rules(settings: Settings, where: str) -> None:
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ConfigError(f"{where}: destinations.name must be unique; {dupes[0]!r} appears twice")
+    inf = settings.inference
+    if inf.backend is InferenceBackend.RAY and not re.fullmatch(r"https?://[^/\s]+/?", inf.url):
+        raise ConfigError(f"{where}: 'inference.url' must be http(s)://host:port of the Ray Serve proxy; found {inf.url!r}")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", inf.application):
+        raise ConfigError(f"{where}: 'inference.application' must be 1-64 letters, digits, '.', '_' or '-'; "
+                          f"found {inf.application!r}")
     for seq in ("t1c", "t2", "flair"):
         folders = getattr(settings.models, seq)
         if not folders or any(not f.strip() for f in folders):

@@ -41,3 +41,11 @@ class JobInterrupted(DmgNodeError):
 
 class SegError(DmgNodeError):
     """A DICOM Segmentation could not be built from a mask and its source series."""
+
+
+class InferenceUnavailable(DmgNodeError):
+    """The remote inference service did not answer (unreachable, timed out, not deployed).
+
+    Not a failure of the study: the job goes back to the queue without counting an attempt and is
+    retried with backoff until the service answers.
+    """

@@ -20,7 +20,7 @@ from dmg_node import config as config_mod
 from dmg_node.assemble import due_studies
 from dmg_node.classify import Label
 from dmg_node.config import DuplicatePolicy, Settings
-from dmg_node.errors import ConfigError, DmgNodeError, JobInterrupted
+from dmg_node.errors import ConfigError, DmgNodeError, InferenceUnavailable, JobInterrupted
 from dmg_node.fsutil import atomic_write
 from dmg_node.net.outbox import OutboxWorker
 from dmg_node.net.scp import Receiver
@@ -60,6 +60,11 @@ class Node:
         self.started = time.time()
         self.unfinished: list[str] = []  # worker threads still running after stop()
         self.accepting_since = self.started
+        # [inference] backend = "ray": while the Serve application does not answer, jobs wait in
+        # the spool and the job worker pauses with backoff (receiving goes on)
+        self._inference_failures = 0
+        self._inference_retry_at = 0.0
+        self._inference_error: str | None = None
 
     def start(self) -> None:
         self.spool.claim_ownership()
@@ -157,6 +162,9 @@ class Node:
                 self._job_wake.clear()
                 continue
             self._run_job(job)
+            pause = self._inference_retry_at - time.time()
+            if pause > 0:
+                self._stop.wait(pause)
 
     def _run_job(self, job: Job) -> None:
         structlog.contextvars.bind_contextvars(job_id=job.id, study_uid=job.study_instance_uid)
@@ -167,6 +175,8 @@ class Node:
                 outputs = self.pipeline.run(job, stopping=self._stop.is_set)
             except JobInterrupted as exc:
                 self._requeue(job, str(exc))
+            except InferenceUnavailable as exc:
+                self._defer_job(job, exc)
             except Exception as exc:  # noqa: BLE001 - whatever one study does, the worker must live
                 # RuntimeError covers torch failures (including CUDA OOM, a RuntimeError subclass);
                 # anything else (a library choking on a malformed series) fails this job, not the node.
@@ -175,6 +185,9 @@ class Node:
                 self._finish(job, JobState.FAILED if failed else JobState.PENDING, error)
                 log.error("job_failed", error=error, attempt=job.attempts, final=failed)
             else:
+                if self._inference_failures:
+                    log.info("inference_available", after_failures=self._inference_failures)
+                self._inference_failures, self._inference_retry_at, self._inference_error = 0, 0.0, None
                 self._finish(job, JobState.DONE, None)
                 ms = round((time.perf_counter() - t0) * 1000)
                 if self.pipeline.skipped:  # a routed series produced nothing: say which and why
@@ -193,6 +206,25 @@ class Node:
         except (DmgNodeError, OSError) as exc:  # left "running": reconcile requeues it at the next start
             log.error("worker_error", worker="jobs", error=f"{type(exc).__name__}: {exc}")
         log.info("job_requeued", reason=reason)
+
+    def _defer_job(self, job: Job, exc: InferenceUnavailable) -> None:
+        """Inference did not answer: the job waits in the spool (no attempt counted) and the worker
+        pauses, doubling the pause each time up to ``inference.retry_max_seconds``."""
+        inf = self.settings.inference
+        self._inference_failures += 1
+        delay = min(inf.retry_initial_seconds * 2 ** (self._inference_failures - 1), inf.retry_max_seconds)
+        self._inference_retry_at = time.time() + delay
+        self._inference_error = str(exc)[:300]
+        while True:
+            try:
+                self.spool.requeue_job(job.id, time.time(), f"waiting for inference: {self._inference_error}")
+                break
+            except (DmgNodeError, OSError) as err:
+                log.error("worker_error", worker="jobs", error=f"{type(err).__name__}: {err}")
+                if self._stop.wait(self.settings.assembly.poll_seconds):
+                    return
+        log.warning("inference_unavailable", error=self._inference_error, retry_in_seconds=round(delay, 1),
+                    consecutive_failures=self._inference_failures)
 
     def _finish(self, job: Job, state: JobState, error: str | None) -> None:
         """Record the job's end; while the index cannot be written (a full disk), retry each poll.
@@ -336,6 +368,9 @@ class Node:
             "models": {k.value: {"name": m.name, "version": m.version, "device": str(m.device), "members": m.describe()}
                        for k, m in models.items()},
             "models_missing": self._models_missing(),
+            "inference": {"backend": str(self.settings.inference.backend), "available": self._inference_error is None,
+                          "consecutive_failures": self._inference_failures, "error": self._inference_error,
+                          "retry_at": self._inference_retry_at or None},
         }
         try:
             atomic_write(self.spool.root / STATUS_FILE, json.dumps(state).encode(), sync=False)

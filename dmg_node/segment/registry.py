@@ -13,7 +13,7 @@ from pathlib import Path
 import structlog
 
 from dmg_node.classify import Label
-from dmg_node.config import Settings
+from dmg_node.config import InferenceBackend, Settings
 from dmg_node.errors import ModelError
 from dmg_node.segment.routing import ModelSet, Routable
 
@@ -65,6 +65,14 @@ def load_segmenter(settings: Settings, label: Label, folder: Path) -> Routable |
     return model  # Segmenter.load logs model_loaded (with backend and threads)
 
 
+def remote_models(settings: Settings) -> dict[Label, ModelSet]:
+    """``[inference] backend = "ray"``: each sequence's folders, served by the Ray Serve application."""
+    from dmg_node.segment.remote import RayModel
+
+    return {label: ModelSet([RayModel(settings.inference, label.value, getattr(settings.models, label.value))])
+            for label in ROUTED}
+
+
 def load_model(settings: Settings, label: Label) -> ModelSet | None:
     """The models configured for one sequence that load; None (logged) when none does."""
     members = [m for folder in model_dirs(settings, label) if (m := load_segmenter(settings, label, folder)) is not None]
@@ -92,6 +100,9 @@ class ModelRegistry:
         """Load every configured folder now (start-up)."""
         if self.fixed:
             return
+        if self.remote:
+            self.models.update(remote_models(self.settings))
+            return
         for label, folder in self._configured_folders():
             self._load_folder(label, folder, folder_signature(folder))
         self._rebuild_sets()
@@ -102,6 +113,12 @@ class ModelRegistry:
         Returns True when the served models changed.
         """
         if self.fixed:
+            return False
+        if self.remote:  # the Serve application reloads its own folders (dmg_node.serving)
+            if self._stale:
+                self._stale = False
+                self.models.clear()
+                self.models.update(remote_models(self.settings))
             return False
         now = time.time() if now is None else now
         changed = False
@@ -128,9 +145,14 @@ class ModelRegistry:
     def configure(self, settings: Settings) -> None:
         """New settings: when ``[models]`` changed, reload every folder at the next :meth:`reload`."""
         old, self.settings = self.settings, settings
-        if old.models != settings.models and not self.fixed:
+        if (old.models != settings.models or old.inference != settings.inference) and not self.fixed:
             self._sigs.clear()  # the folders or the device may differ
             self._stale = True  # and regroup them as configured now
+
+    @property
+    def remote(self) -> bool:
+        """True when segmentation runs on the Ray Serve application (``inference.backend``)."""
+        return self.settings.inference.backend is InferenceBackend.RAY
 
     def _configured_folders(self) -> list[tuple[Label, Path]]:
         return [(label, folder) for label in ROUTED for folder in model_dirs(self.settings, label)]

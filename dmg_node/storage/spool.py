@@ -436,10 +436,14 @@ class Spool:
                        (str(state), now, error, job_id))
 
     def requeue_job(self, job_id: int, now: float, reason: str) -> None:
-        """Put a running job back to pending without counting the attempt (the node is stopping)."""
+        """Put a running job back to pending without counting the attempt (stopping, or inference away)."""
         with self._tx() as db:
             db.execute("UPDATE jobs SET state = 'pending', attempts = MAX(attempts - 1, 0), updated_at = ?, error = ?"
                        " WHERE id = ? AND state = 'running'", (now, reason, job_id))
+
+    def contoured_series(self, job_id: int) -> set[str]:
+        """Source series a job already queued an RTSTRUCT for (a retried job must not contour them twice)."""
+        return {r[0] for r in self._query("SELECT DISTINCT source_series_uid FROM outbox WHERE job_id = ?", (job_id,))}
 
     def jobs(self, limit: int = 50) -> list[dict[str, Any]]:
         rows = self._query(

@@ -32,7 +32,8 @@ def test_every_dataclass_default_matches_shipped_file() -> None:
     """The shipped file spells out the same values the code uses when a key is missing."""
     shipped = config.load()
     empty = config.from_dict({})
-    for section in ("node", "storage", "assembly", "access", "models", "outbox", "rtstruct", "classify", "logging"):
+    for section in ("node", "storage", "assembly", "access", "models", "outbox", "rtstruct", "classify", "logging",
+                    "inference"):
         assert getattr(shipped, section) == getattr(empty, section), section
 
 

@@ -15,7 +15,7 @@ BASE = {"errors", "logs", "metrics", "fsutil", "config", "records", "dicomfiles"
 # storage comes first: the SCP (net) writes into it and the outbox worker (net) reads from it.
 ORDER = ["storage", "net", "assemble", "volume", "classify", "segment", "rtstruct", "seg_output", "pipeline", "web", "node"]
 # Not part of the running node: they may import anything (and nothing above may import them).
-OFFLINE = {"training", "phantoms", "demo", "cli", "cli_train"}
+OFFLINE = {"training", "phantoms", "demo", "cli", "cli_train", "serving"}  # serving: the Ray Serve side (inference-serve)
 
 
 def _stage(module: str) -> str:
