@@ -122,9 +122,6 @@ class Pipeline:
 
     def _segment(self, job: Job, label: Label, choice: Choice, paths: list[Path]) -> Segmented | None:
         series_uid = choice.series_instance_uid
-        if series_uid in self.spool.contoured_series(job.id):  # an earlier try of this job got this far
-            log.info("series_already_contoured", label=label.value, series_uid=series_uid)
-            return None
         model = self.models.get(label)
         if model is None:
             log.warning("sequence_skipped_no_model", label=label.value, series_uid=series_uid)

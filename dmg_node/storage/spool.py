@@ -441,10 +441,6 @@ class Spool:
             db.execute("UPDATE jobs SET state = 'pending', attempts = MAX(attempts - 1, 0), updated_at = ?, error = ?"
                        " WHERE id = ? AND state = 'running'", (now, reason, job_id))
 
-    def contoured_series(self, job_id: int) -> set[str]:
-        """Source series a job already queued an RTSTRUCT for (a retried job must not contour them twice)."""
-        return {r[0] for r in self._query("SELECT DISTINCT source_series_uid FROM outbox WHERE job_id = ?", (job_id,))}
-
     def jobs(self, limit: int = 50) -> list[dict[str, Any]]:
         rows = self._query(
             "SELECT id, study_instance_uid, state, attempts, created_at, updated_at, error FROM jobs"
