@@ -6,7 +6,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -108,11 +107,13 @@ def test_restart_keeps_waiting_study(tmp_path: Path) -> None:
     with running_node(tmp_path, assembly={"quiet_seconds": 4}) as node:
         assert storescu(node.port, tmp_path / "a").returncode == 0
     assert not any(e["event"] == "study_complete" for e in node.events())
-    time.sleep(0.5)
     with running_node(tmp_path, assembly={"quiet_seconds": 4}) as node2:
         node2.wait_event("study_complete", timeout=30)
         node2.wait_event("job_done", timeout=60)
-        time.sleep(1.0)
+        # No sleep for "not queued twice": the index says one job, done, covering every instance,
+        # and the assembler never queues a covered study again (tests/unit/test_assemble.py).
+        status = json.loads(_cli("status", "--json", "--config", str(node2.config_path)).stdout)
+    assert [j["state"] for j in status["jobs"]] == ["done"]
     assert sum(e["event"] == "study_complete" for e in node2.events()) == 1
 
 
