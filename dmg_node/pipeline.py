@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import structlog
 from pydicom import Dataset, dcmread
+from pydicom.errors import InvalidDicomError
 from pydicom.uid import generate_uid
 
 from dmg_node import __version__
@@ -31,6 +32,7 @@ from dmg_node.dicomfiles import read_datasets
 from dmg_node.errors import JobInterrupted, RtStructError, SeriesError
 from dmg_node.records import Job, RtStructKey
 from dmg_node.rtstruct import RoiSpec, RtStructMeta, build_rtstruct
+from dmg_node.rtstruct.read import read_roi_mask
 from dmg_node.segment.qa import (
     ContourQa,
     FlagCode,
@@ -69,6 +71,7 @@ class Pipeline:
         self.settings, self.spool, self.models = settings, spool, models
         self.rules = settings.rules
         self.skipped: list[dict[str, str]] = []
+        self._earlier: list[tuple[Label, str, list[Path]]] = []  # chosen series contoured before, not now
 
     def configure(self, settings: Settings) -> None:
         """Use new settings (live reload) from the next series on."""
@@ -85,6 +88,7 @@ class Pipeline:
         """
         self.skipped = []  # chosen series that produced no RTSTRUCT, and why
         files = self.spool.series_files(job.study_instance_uid)
+        self._earlier = []
         candidates = []
         for series_uid, paths in files.items():
             try:
@@ -103,14 +107,22 @@ class Pipeline:
         # Every chosen series is segmented before any RTSTRUCT is built: the QA compares them.
         segmented = []
         for label, choice in choose(candidates).items():
+            if job.series_uids and choice.series_instance_uid not in job.series_uids:
+                # series-level completion: not found complete yet; its earlier contour (if any) is
+                # what this job's new contours are compared with
+                self._earlier.append((label, choice.series_instance_uid, files[choice.series_instance_uid]))
+                continue
             if stopping():
                 raise JobInterrupted(f"node stopping before the {label.value} series")
             log.info("series_chosen", label=label.value, series_uid=choice.series_instance_uid, reason=choice.reason)
             seg = self._segment(job, label, choice, files[choice.series_instance_uid])
             if seg is not None:
                 segmented.append(seg)
-        checks, consensus_mask = self._check(segmented)
         reasons = {header.series_instance_uid: result.reason for header, result in candidates}
+        earlier = self._earlier_inputs() if segmented else []
+        checks, consensus_mask = self._check(segmented, earlier)
+        for e in earlier:
+            late_qa(self.spool, e, checks[e.label.value], reasons.get(e.series_instance_uid, ""))
         outputs = []
         for seg in segmented:
             out = self._queue(job, seg, checks.get(seg.label.value), consensus_mask,
@@ -153,16 +165,42 @@ class Pipeline:
             # or a study reprocessed for another series) is queued again, never made anew. It
             # was checked by the contour QA when it was made; it is not compared again here.
             self.spool.requeue_rtstruct(job.id, job.study_instance_uid, series_uid, prior, dests, time.time())
+            self._earlier.append((label, series_uid, paths))
             log.info("rtstruct_reused", label=label.value, series_uid=series_uid, sop_uid=prior.sop_instance_uid,
                      model=prior.model, model_version=prior.model_version, destinations=dests)
             return None
         assert contour is not None
         return Segmented(label, series_uid, datasets, contour, fingerprint)
 
-    def _check(self, segmented: Sequence[Segmented]) -> tuple[dict[str, ContourQa], tuple[str, np.ndarray[Any, Any]] | None]:
-        """Contour QA across the study's segmented series, and the consensus ROI (sequence, mask) if configured."""
+    def _earlier_inputs(self) -> list[Earlier]:
+        """The contours sent before for the chosen series not segmented now, read back from their RTSTRUCTs.
+
+        A contour sent before its study was complete (series-level completion, or a study
+        reprocessed for a late series) was compared only with what existed then; the new contours
+        are compared with it, and it with them (:func:`late_qa`).
+        """
+        out = []
+        for label, series_uid, paths in self._earlier:
+            try:
+                datasets = read_datasets(paths)
+                made = self.spool.rtstructs_for(series_uid, series_fingerprint(datasets))
+                if not made:
+                    continue
+                volume = build_volume(datasets)
+                mask = read_roi_mask(dcmread(made[-1].path), volume, self.settings.rtstruct.roi_name(label.value))
+            except (SeriesError, RtStructError, InvalidDicomError, OSError) as exc:
+                log.warning("earlier_contour_unreadable", label=label.value, series_uid=series_uid,
+                            error=f"{type(exc).__name__}: {exc}"[:300])
+                continue
+            out.append(Earlier(label, series_uid, made[-1].sop_instance_uid,
+                               region_input(label, volume, mask, self.settings.qa)))
+        return out
+
+    def _check(self, segmented: Sequence[Segmented], earlier: Sequence[Earlier] = (),
+               ) -> tuple[dict[str, ContourQa], tuple[str, np.ndarray[Any, Any]] | None]:
+        """Contour QA across the study's segmented series (and *earlier* contours), and the consensus ROI if configured."""
         qa = self.settings.qa
-        inputs = [qa_input(seg.label, seg.contour, qa) for seg in segmented]
+        inputs = [qa_input(seg.label, seg.contour, qa) for seg in segmented] + [e.qa_input for e in earlier]
         checks = check_study(inputs, qa)
         for seg in segmented:
             log_qa(seg.label, seg.series_instance_uid, checks[seg.label.value])
@@ -230,6 +268,16 @@ class Segmented:
     datasets: list[Dataset]
     contour: Contour
     fingerprint: str  # of the instances it was made from (series_fingerprint)
+
+
+@dataclass(frozen=True)
+class Earlier:
+    """A contour sent before (its RTSTRUCT read back) that this job's new contours are compared with."""
+
+    label: Label
+    series_instance_uid: str
+    sop_instance_uid: str  # of its RTSTRUCT
+    qa_input: QaInput
 
 
 @dataclass(frozen=True)
@@ -326,10 +374,32 @@ def rtstruct_for(datasets: list[Dataset], label: Label, contour: Contour, rt: Rt
 
 def qa_input(label: Label, contour: Contour, qa: QaSettings) -> QaInput:
     """What the contour QA needs of a segmented series (the head region only for a non-empty contour)."""
-    volume = contour.volume
-    mask = contour.mask.astype(bool)
+    return region_input(label, contour.volume, contour.mask, qa)
+
+
+def region_input(label: Label, volume: Volume, mask: np.ndarray[Any, Any], qa: QaSettings) -> QaInput:
+    """What the contour QA needs of a mask on a series' grid (the head region only for a non-empty mask)."""
+    mask = mask.astype(bool)
     head = head_region(volume, qa.head_margin_mm) if mask.any() else None
     return QaInput(label.value, Region.on(volume, mask), volume.frame_of_reference_uid, head)
+
+
+def late_qa(spool: Spool, earlier: Earlier, check: ContourQa, reason: str) -> None:
+    """Record what the QA across sequences found about a contour already sent.
+
+    An RTSTRUCT already sent cannot be unsent (nor its QA note changed): a discordance found only
+    now is logged (``contour_discordant_late``) and kept in the series' reason, which
+    ``dmg-node status`` and the web page show. Plausibility was checked when it was made.
+    """
+    discordant = [f for f in check.flags if f.code is FlagCode.DISCORDANT]
+    if not discordant:
+        return
+    note = "; ".join(f.text for f in discordant)
+    log.warning("contour_discordant_late", label=earlier.label.value, series_uid=earlier.series_instance_uid,
+                sop_uid=earlier.sop_instance_uid, note=note, **check.figures())
+    spool.set_series_result(earlier.series_instance_uid, earlier.label.value,
+                            f"sent before the QA across sequences, which flags it: QA FLAG: {note}; {reason}"
+                            [:REASON_MAX_CHARS])
 
 
 def consensus_roi(rt: RtStructSettings, qa: QaSettings) -> RoiSpec:
