@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 import structlog
 from pydicom import Dataset, dcmread
-from pydicom.errors import InvalidDicomError
 from pydicom.uid import generate_uid
 
 from dmg_node import __version__
@@ -30,17 +29,15 @@ from dmg_node.completeness import incompleteness
 from dmg_node.config import QaPolicy, QaSettings, RtStructSettings, Settings
 from dmg_node.dicomfiles import read_datasets
 from dmg_node.errors import JobInterrupted, RtStructError, SeriesError
+from dmg_node.late_qa import Earlier, late_qa, read_earlier, region_input
 from dmg_node.records import Job, RtStructKey
 from dmg_node.rtstruct import RoiSpec, RtStructMeta, build_rtstruct
-from dmg_node.rtstruct.read import read_roi_mask
 from dmg_node.segment.qa import (
     ContourQa,
     FlagCode,
     QaInput,
-    Region,
     check_study,
     consensus,
-    head_region,
 )
 from dmg_node.segment.routing import ModelSet, Routable
 from dmg_node.storage.spool import Spool
@@ -173,28 +170,10 @@ class Pipeline:
         return Segmented(label, series_uid, datasets, contour, fingerprint)
 
     def _earlier_inputs(self) -> list[Earlier]:
-        """The contours sent before for the chosen series not segmented now, read back from their RTSTRUCTs.
-
-        A contour sent before its study was complete (series-level completion, or a study
-        reprocessed for a late series) was compared only with what existed then; the new contours
-        are compared with it, and it with them (:func:`late_qa`).
-        """
-        out = []
-        for label, series_uid, paths in self._earlier:
-            try:
-                datasets = read_datasets(paths)
-                made = self.spool.rtstructs_for(series_uid, series_fingerprint(datasets))
-                if not made:
-                    continue
-                volume = build_volume(datasets)
-                mask = read_roi_mask(dcmread(made[-1].path), volume, self.settings.rtstruct.roi_name(label.value))
-            except (SeriesError, RtStructError, InvalidDicomError, OSError) as exc:
-                log.warning("earlier_contour_unreadable", label=label.value, series_uid=series_uid,
-                            error=f"{type(exc).__name__}: {exc}"[:300])
-                continue
-            out.append(Earlier(label, series_uid, made[-1].sop_instance_uid,
-                               region_input(label, volume, mask, self.settings.qa)))
-        return out
+        """The contours sent before for the chosen series not segmented now (:mod:`dmg_node.late_qa`)."""
+        read = (read_earlier(self.spool, label, uid, paths, self.settings, series_fingerprint)
+                for label, uid, paths in self._earlier)
+        return [e for e in read if e is not None]
 
     def _check(self, segmented: Sequence[Segmented], earlier: Sequence[Earlier] = (),
                ) -> tuple[dict[str, ContourQa], tuple[str, np.ndarray[Any, Any]] | None]:
@@ -268,16 +247,6 @@ class Segmented:
     datasets: list[Dataset]
     contour: Contour
     fingerprint: str  # of the instances it was made from (series_fingerprint)
-
-
-@dataclass(frozen=True)
-class Earlier:
-    """A contour sent before (its RTSTRUCT read back) that this job's new contours are compared with."""
-
-    label: Label
-    series_instance_uid: str
-    sop_instance_uid: str  # of its RTSTRUCT
-    qa_input: QaInput
 
 
 @dataclass(frozen=True)
@@ -375,31 +344,6 @@ def rtstruct_for(datasets: list[Dataset], label: Label, contour: Contour, rt: Rt
 def qa_input(label: Label, contour: Contour, qa: QaSettings) -> QaInput:
     """What the contour QA needs of a segmented series (the head region only for a non-empty contour)."""
     return region_input(label, contour.volume, contour.mask, qa)
-
-
-def region_input(label: Label, volume: Volume, mask: np.ndarray[Any, Any], qa: QaSettings) -> QaInput:
-    """What the contour QA needs of a mask on a series' grid (the head region only for a non-empty mask)."""
-    mask = mask.astype(bool)
-    head = head_region(volume, qa.head_margin_mm) if mask.any() else None
-    return QaInput(label.value, Region.on(volume, mask), volume.frame_of_reference_uid, head)
-
-
-def late_qa(spool: Spool, earlier: Earlier, check: ContourQa, reason: str) -> None:
-    """Record what the QA across sequences found about a contour already sent.
-
-    An RTSTRUCT already sent cannot be unsent (nor its QA note changed): a discordance found only
-    now is logged (``contour_discordant_late``) and kept in the series' reason, which
-    ``dmg-node status`` and the web page show. Plausibility was checked when it was made.
-    """
-    discordant = [f for f in check.flags if f.code is FlagCode.DISCORDANT]
-    if not discordant:
-        return
-    note = "; ".join(f.text for f in discordant)
-    log.warning("contour_discordant_late", label=earlier.label.value, series_uid=earlier.series_instance_uid,
-                sop_uid=earlier.sop_instance_uid, note=note, **check.figures())
-    spool.set_series_result(earlier.series_instance_uid, earlier.label.value,
-                            f"sent before the QA across sequences, which flags it: QA FLAG: {note}; {reason}"
-                            [:REASON_MAX_CHARS])
 
 
 def consensus_roi(rt: RtStructSettings, qa: QaSettings) -> RoiSpec:
