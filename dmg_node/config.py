@@ -50,6 +50,13 @@ class LatePolicy(StrEnum):
     IGNORE = "ignore"
 
 
+class Completion(StrEnum):
+    """When received series become jobs (``assembly.completion``): the whole study, or each series."""
+
+    STUDY = "study"
+    SERIES = "series"
+
+
 class LogLevel(StrEnum):
     DEBUG = "debug"
     INFO = "info"
@@ -136,6 +143,8 @@ class AssemblySettings:
     late_policy: LatePolicy = LatePolicy.REPROCESS
     poll_seconds: float = 2.0
     max_attempts: int = 3
+    completion: Completion = Completion.STUDY
+    series_quiet_seconds: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -365,6 +374,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "assembly.quiet_seconds": (0, 86400),
     "assembly.poll_seconds": (0.05, 3600),
     "assembly.max_attempts": (1, 100),
+    "assembly.series_quiet_seconds": (0, 86400),
     "outbox.retry_initial_seconds": (0.01, 86400),
     "outbox.retry_max_seconds": (0.01, 86400),
     "outbox.give_up_hours": (0, 8760),

@@ -17,9 +17,9 @@ import structlog
 
 from dmg_node import __version__, logs
 from dmg_node import config as config_mod
-from dmg_node.assemble import due_studies
+from dmg_node.assemble import due_series, due_studies
 from dmg_node.classify import Label
-from dmg_node.config import DuplicatePolicy, Settings
+from dmg_node.config import Completion, DuplicatePolicy, Settings
 from dmg_node.errors import ConfigError, DmgNodeError, InferenceUnavailable, JobInterrupted
 from dmg_node.fsutil import atomic_write
 from dmg_node.net.outbox import OutboxWorker
@@ -137,6 +137,8 @@ class Node:
         while not self._stop.is_set():
             a = self.settings.assembly
             try:
+                if a.completion is Completion.SERIES:
+                    self._enqueue_ready_series()
                 # not_before: the quiet period counts from our start too; while the node was down
                 # nothing could arrive, so silence then says nothing about completeness (issue 19 item 10)
                 for d in due_studies(self.spool.studies(), time.time(), a.quiet_seconds, a.late_policy,
@@ -149,6 +151,16 @@ class Node:
                 # e.g. the index cannot be written (disk full): keep the thread, try again next poll
                 log.error("worker_error", worker="assembler", error=f"{type(exc).__name__}: {exc}")
             self._stop.wait(a.poll_seconds)
+
+    def _enqueue_ready_series(self) -> None:
+        """Series-level completion: a job per study for its series that are quiet and not yet covered."""
+        a = self.settings.assembly
+        for d in due_series(self.spool.series_rows(), self.spool.studies(), time.time(), a.series_quiet_seconds,
+                            a.late_policy, not_before=self.accepting_since):
+            job_id = self.spool.enqueue(d.study_instance_uid, d.covered_until, time.time(), series=d.series)
+            log.info("series_complete", study_uid=d.study_instance_uid, job_id=job_id, reprocess=d.late,
+                     series_uids=[uid for uid, _ in d.series], series_quiet_seconds=a.series_quiet_seconds)
+            self._job_wake.set()
 
     def _job_loop(self) -> None:
         while not self._stop.is_set():

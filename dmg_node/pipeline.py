@@ -29,6 +29,7 @@ from dmg_node.completeness import incompleteness
 from dmg_node.config import OutputFormat, QaPolicy, QaSettings, RtStructSettings, Settings
 from dmg_node.dicomfiles import read_datasets
 from dmg_node.errors import JobInterrupted, RtStructError, SeriesError
+from dmg_node.late_qa import Earlier, late_qa, read_earlier, region_input
 from dmg_node.records import Job, RtStructKey
 from dmg_node.rtstruct import RoiSpec, RtStructMeta, build_rtstruct
 from dmg_node.seg_output import SegTarget, queue_seg, reuse_seg, rtstruct_rois
@@ -36,10 +37,8 @@ from dmg_node.segment.qa import (
     ContourQa,
     FlagCode,
     QaInput,
-    Region,
     check_study,
     consensus,
-    head_region,
 )
 from dmg_node.segment.routing import ModelSet, Routable
 from dmg_node.storage.spool import Spool
@@ -70,6 +69,7 @@ class Pipeline:
         self.settings, self.spool, self.models = settings, spool, models
         self.rules = settings.rules
         self.skipped: list[dict[str, str]] = []
+        self._earlier: list[tuple[Label, str, list[Path]]] = []  # chosen series contoured before, not now
 
     def configure(self, settings: Settings) -> None:
         """Use new settings (live reload) from the next series on."""
@@ -86,6 +86,7 @@ class Pipeline:
         """
         self.skipped = []  # chosen series that produced no RTSTRUCT, and why
         files = self.spool.series_files(job.study_instance_uid)
+        self._earlier = []
         candidates = []
         for series_uid, paths in files.items():
             try:
@@ -104,14 +105,22 @@ class Pipeline:
         # Every chosen series is segmented before any RTSTRUCT is built: the QA compares them.
         segmented = []
         for label, choice in choose(candidates).items():
+            if job.series_uids and choice.series_instance_uid not in job.series_uids:
+                # series-level completion: not found complete yet; its earlier contour (if any) is
+                # what this job's new contours are compared with
+                self._earlier.append((label, choice.series_instance_uid, files[choice.series_instance_uid]))
+                continue
             if stopping():
                 raise JobInterrupted(f"node stopping before the {label.value} series")
             log.info("series_chosen", label=label.value, series_uid=choice.series_instance_uid, reason=choice.reason)
             seg = self._segment(job, label, choice, files[choice.series_instance_uid])
             if seg is not None:
                 segmented.append(seg)
-        checks, consensus_mask = self._check(segmented)
         reasons = {header.series_instance_uid: result.reason for header, result in candidates}
+        earlier = self._earlier_inputs() if segmented else []
+        checks, consensus_mask = self._check(segmented, earlier)
+        for e in earlier:
+            late_qa(self.spool, e, checks[e.label.value], reasons.get(e.series_instance_uid, ""))
         outputs = []
         for seg in segmented:
             out = self._queue(job, seg, checks.get(seg.label.value), consensus_mask,
@@ -154,6 +163,7 @@ class Pipeline:
             # was checked by the contour QA when it was made; it is not compared again here.
             dests = self._dests(OutputFormat.RTSTRUCT)
             self.spool.requeue_rtstruct(job.id, job.study_instance_uid, series_uid, prior, dests, time.time())
+            self._earlier.append((label, series_uid, paths))
             log.info("rtstruct_reused", label=label.value, series_uid=series_uid, sop_uid=prior.sop_instance_uid,
                      model=prior.model, model_version=prior.model_version, destinations=dests)
             if self._dests(OutputFormat.SEG):
@@ -164,10 +174,17 @@ class Pipeline:
         assert contour is not None
         return Segmented(label, series_uid, datasets, contour, fingerprint)
 
-    def _check(self, segmented: Sequence[Segmented]) -> tuple[dict[str, ContourQa], tuple[str, np.ndarray[Any, Any]] | None]:
-        """Contour QA across the study's segmented series, and the consensus ROI (sequence, mask) if configured."""
+    def _earlier_inputs(self) -> list[Earlier]:
+        """The contours sent before for the chosen series not segmented now (:mod:`dmg_node.late_qa`)."""
+        read = (read_earlier(self.spool, label, uid, paths, self.settings, series_fingerprint)
+                for label, uid, paths in self._earlier)
+        return [e for e in read if e is not None]
+
+    def _check(self, segmented: Sequence[Segmented], earlier: Sequence[Earlier] = (),
+               ) -> tuple[dict[str, ContourQa], tuple[str, np.ndarray[Any, Any]] | None]:
+        """Contour QA across the study's segmented series (and *earlier* contours), and the consensus ROI if configured."""
         qa = self.settings.qa
-        inputs = [qa_input(seg.label, seg.contour, qa) for seg in segmented]
+        inputs = [qa_input(seg.label, seg.contour, qa) for seg in segmented] + [e.qa_input for e in earlier]
         checks = check_study(inputs, qa)
         for seg in segmented:
             log_qa(seg.label, seg.series_instance_uid, checks[seg.label.value])
@@ -344,10 +361,7 @@ def rtstruct_for(datasets: list[Dataset], label: Label, contour: Contour, rt: Rt
 
 def qa_input(label: Label, contour: Contour, qa: QaSettings) -> QaInput:
     """What the contour QA needs of a segmented series (the head region only for a non-empty contour)."""
-    volume = contour.volume
-    mask = contour.mask.astype(bool)
-    head = head_region(volume, qa.head_margin_mm) if mask.any() else None
-    return QaInput(label.value, Region.on(volume, mask), volume.frame_of_reference_uid, head)
+    return region_input(label, contour.volume, contour.mask, qa)
 
 
 def consensus_roi(rt: RtStructSettings, qa: QaSettings) -> RoiSpec:

@@ -88,12 +88,23 @@ class StudyRow:
 
 
 @dataclass(frozen=True)
+class SeriesRow:
+    """One series as series-level completion sees it (``assembly.completion = "series"``)."""
+
+    series_instance_uid: str
+    study_instance_uid: str
+    last_received_at: float
+    covered_until: float | None  # last_received_at seen by the newest job that covered it; None = never
+
+
+@dataclass(frozen=True)
 class Job:
     id: int
     study_instance_uid: str
     state: JobState
     attempts: int
     covered_until: float
+    series_uids: tuple[str, ...] = ()  # series mode: only these series; empty = the whole study
 
 
 @dataclass(frozen=True)

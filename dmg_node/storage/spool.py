@@ -47,6 +47,7 @@ from dmg_node.records import (
     OutboxState,
     RtStructKey,
     RtStructRecord,
+    SeriesRow,
     StoreOutcome,
     StudyRow,
 )
@@ -54,8 +55,11 @@ from dmg_node.records import (
 log = structlog.get_logger(__name__)
 
 _UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Version 2 added ``rtstructs``; its CREATE TABLE IF NOT EXISTS upgrades a version-1 index in place.
+# Version 3 added ``series.covered_until`` and ``jobs.series_uids`` (series-level completion);
+# :meth:`Spool._migrate` adds the columns to an older index in place.
+_ADDED_COLUMNS = (("series", "covered_until", "REAL"), ("jobs", "series_uids", "TEXT"))
 #: Held (flock) by the node that owns the spool; see :meth:`Spool.claim_ownership`.
 OWNER_LOCK = "node.lock"
 #: The SQLite index under ``storage.root``; its presence is what makes a folder a spool.
@@ -76,7 +80,9 @@ CREATE TABLE IF NOT EXISTS series (
     series_number TEXT NOT NULL DEFAULT '',
     series_description TEXT NOT NULL DEFAULT '',
     label TEXT,                    -- t1c/t2/flair/none once classified
-    reason TEXT                    -- why that label, or why the series was rejected
+    reason TEXT,                   -- why that label, or why the series was rejected
+    -- covered_until: its last received_at seen by the newest job; NULL = never
+    covered_until REAL
 );
 CREATE INDEX IF NOT EXISTS series_study ON series(study_instance_uid);
 CREATE TABLE IF NOT EXISTS instances (
@@ -99,7 +105,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     covered_until REAL NOT NULL,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
-    error TEXT
+    error TEXT,
+    -- series_uids: series mode: the series it processes, one per line; NULL = all
+    series_uids TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 CREATE TABLE IF NOT EXISTS outbox (
@@ -182,6 +190,9 @@ class Spool:
         found = int(row[0]) if row and str(row[0]).isdigit() else 0
         if found > SCHEMA_VERSION:
             raise SpoolError(f"spool index schema version {found} is newer than this dmg-node's {SCHEMA_VERSION}")
+        for table, column, kind in _ADDED_COLUMNS:
+            if column not in {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
         if found < SCHEMA_VERSION:
             self._db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
             log.info("spool_index_migrated", from_version=found, to_version=SCHEMA_VERSION)
@@ -401,24 +412,46 @@ class Spool:
         )
         return [StudyRow(r[0], r[1], r[2], r[3], bool(r[4])) for r in rows]
 
-    def enqueue(self, study_uid: str, covered_until: float, now: float) -> int:
-        """Create a pending job for *study_uid* covering instances received up to *covered_until*."""
+    def series_rows(self) -> list[SeriesRow]:
+        """The series of every study still waiting for its (next) study job, for series-level completion."""
+        rows = self._query(
+            "SELECT se.series_instance_uid, se.study_instance_uid, MAX(i.received_at), se.covered_until"
+            " FROM studies st JOIN series se ON se.study_instance_uid = st.study_instance_uid"
+            " JOIN instances i ON i.series_instance_uid = se.series_instance_uid"
+            " WHERE st.covered_until IS NULL OR st.last_received_at > st.covered_until"
+            " GROUP BY se.series_instance_uid"
+        )
+        return [SeriesRow(r[0], r[1], r[2], r[3]) for r in rows]
+
+    def enqueue(self, study_uid: str, covered_until: float, now: float,
+                series: tuple[tuple[str, float], ...] = ()) -> int:
+        """Create a pending job for *study_uid* covering instances received up to *covered_until*.
+
+        With *series* ((series UID, its covered_until) pairs, series-level completion) the job
+        processes only those series and the study itself stays waiting for its study job.
+        """
         with self._tx() as db:
             cur = db.execute(
-                "INSERT INTO jobs (study_instance_uid, state, covered_until, created_at, updated_at)"
-                " VALUES (?, 'pending', ?, ?, ?)",
-                (study_uid, covered_until, now, now),
+                "INSERT INTO jobs (study_instance_uid, state, covered_until, created_at, updated_at, series_uids)"
+                " VALUES (?, 'pending', ?, ?, ?, ?)",
+                (study_uid, covered_until, now, now, "\n".join(uid for uid, _ in series) if series else None),
             )
-            db.execute(
-                "UPDATE studies SET covered_until = ? WHERE study_instance_uid = ?", (covered_until, study_uid)
-            )
+            if series:
+                db.executemany("UPDATE series SET covered_until = ? WHERE series_instance_uid = ?",
+                               [(until, uid) for uid, until in series])
+            else:
+                db.execute(
+                    "UPDATE studies SET covered_until = ? WHERE study_instance_uid = ?", (covered_until, study_uid)
+                )
+                db.execute("UPDATE series SET covered_until = ? WHERE study_instance_uid = ?",
+                           (covered_until, study_uid))
             return int(cur.lastrowid or 0)
 
     def claim_job(self, now: float) -> Job | None:
         """Take the oldest pending job, mark it running and count the attempt."""
         with self._tx() as db:
             row = db.execute(
-                "SELECT id, study_instance_uid, attempts, covered_until FROM jobs WHERE state = 'pending'"
+                "SELECT id, study_instance_uid, attempts, covered_until, series_uids FROM jobs WHERE state = 'pending'"
                 " ORDER BY id LIMIT 1"
             ).fetchone()
             if row is None:
@@ -428,7 +461,7 @@ class Spool:
                 (now, row[0]),
             )
         return Job(id=row[0], study_instance_uid=row[1], state=JobState.RUNNING, attempts=row[2] + 1,
-                   covered_until=row[3])
+                   covered_until=row[3], series_uids=tuple(row[4].split("\n")) if row[4] else ())
 
     def finish_job(self, job_id: int, state: JobState, now: float, error: str | None = None) -> None:
         with self._tx() as db:

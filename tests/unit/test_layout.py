@@ -13,7 +13,8 @@ PACKAGE = Path(__file__).resolve().parents[2] / "dmg_node"
 # Stages in data-flow order; a module may import its own stage, earlier stages and the base.
 BASE = {"errors", "logs", "metrics", "fsutil", "config", "records", "dicomfiles", "watch", "classify.rules", "classify.patterns"}
 # storage comes first: the SCP (net) writes into it and the outbox worker (net) reads from it.
-ORDER = ["storage", "net", "assemble", "volume", "classify", "segment", "rtstruct", "seg_output", "pipeline", "web", "node"]
+ORDER = ["storage", "net", "assemble", "volume", "classify", "segment", "rtstruct", "seg_output", "late_qa", "pipeline",
+         "web", "node"]
 # Not part of the running node: they may import anything (and nothing above may import them).
 OFFLINE = {"training", "phantoms", "demo", "cli", "cli_train", "serving"}  # serving: the Ray Serve side (inference-serve)
 

@@ -159,3 +159,50 @@ def test_stopping_ends_the_job_at_a_series_boundary(tmp_path: Path) -> None:
     with pytest.raises(JobInterrupted, match="node stopping before the t2 series"):
         p.run(_job(p.spool, study), stopping=lambda: True)
     assert p.spool.outbox() == []
+
+
+@dataclass
+class CornerModel(CubeModel):
+    """A stand-in model that contours a cube in a corner: discordant with CubeModel's."""
+
+    def predict(self, volume: Volume) -> np.ndarray[Any, Any]:
+        mask = np.zeros(volume.array.shape, dtype=bool)
+        mask[1:4, 2:10, 2:10] = True
+        return mask
+
+
+def test_series_job_contours_only_its_series_and_later_qa_flags_the_sent_one(tmp_path: Path) -> None:
+    """Issue 21 item 4: a series job contours only its series; the FLAIR's job later compares the FLAIR
+    with the T2 already sent, flags the FLAIR's own RTSTRUCT and records the late discordance of the T2."""
+    p = _pipeline(tmp_path)
+    p.models[Label.FLAIR] = ModelSet([CornerModel("flair")])
+    study = generate_uid()
+    t2 = _series(study, 8, description="T2 AX")
+    flair = _series(study, 8, description="FLAIR AX", **FLAIR_PHYSICS)
+    _store(p.spool, t2)
+    _store(p.spool, flair[:3])  # still arriving
+    t2_uid, flair_uid = str(t2[0].SeriesInstanceUID), str(flair[0].SeriesInstanceUID)
+    p.spool.enqueue(study, 1.0, 2.0, series=((t2_uid, 1.0),))
+    job = p.spool.claim_job(3.0)
+    assert job is not None
+    with capture_logs() as logs:
+        [first] = p.run(job)
+    assert first.label is Label.T2 and first.qa_flags == ()  # QA'd with what exists so far: itself
+    assert not [e for e in logs if e["event"] == "series_segmented" and e["label"] == "flair"]
+    p.spool.finish_job(job.id, JobState.DONE, 4.0)
+    _store(p.spool, flair[3:])
+    p.spool.enqueue(study, 1.0, 5.0, series=((flair_uid, 1.0),))
+    job = p.spool.claim_job(6.0)
+    assert job is not None
+    with capture_logs() as logs:
+        [second] = p.run(job)
+    assert second.label is Label.FLAIR and "discordant" in second.qa_flags
+    [late] = [e for e in logs if e["event"] == "contour_discordant_late"]
+    assert late["series_uid"] == t2_uid and late["sop_uid"] == first.sop_instance_uid
+    rows = {s["series_instance_uid"]: s for st in p.spool.summary() for s in st["series"]}
+    assert rows[t2_uid]["reason"].startswith("sent before the QA across sequences, which flags it: QA FLAG: T2")
+    p.spool.finish_job(job.id, JobState.DONE, 7.0)
+    with capture_logs() as logs:  # the study rule's final pass: both reused, nothing new is made
+        assert p.run(_job(p.spool, study)) == []
+    assert sorted(e["label"] for e in logs if e["event"] == "rtstruct_reused") == ["flair", "t2"]
+    assert len(_sent_sops(p.spool)) == 2

@@ -196,3 +196,45 @@ def test_requeue_job_does_not_count_the_attempt(tmp_path: Path) -> None:
     sp.requeue_job(job_id, 4.0, "node stopping")
     [row] = sp.jobs()
     assert (row["state"], row["attempts"], row["error"]) == ("pending", 0, "node stopping")
+
+
+def test_series_jobs_cover_their_series_and_leave_the_study_waiting(tmp_path: Path) -> None:
+    """A series job records its series as covered, carries them to claim_job, and leaves the study rule open."""
+    sp = Spool(tmp_path)
+    sp.store(b"a", _rec(sop="1.2.3.1", series="1.2.3", t=100.0))
+    sp.store(b"b", _rec(sop="1.2.3.2", series="1.2.3", t=101.0))
+    sp.store(b"c", _rec(sop="1.2.4.1", series="1.2.4", t=130.0))
+    assert sorted((r.series_instance_uid, r.last_received_at, r.covered_until) for r in sp.series_rows()) == [
+        ("1.2.3", 101.0, None), ("1.2.4", 130.0, None)]
+    jid = sp.enqueue("1.2", 101.0, 140.0, series=(("1.2.3", 101.0),))
+    job = sp.claim_job(141.0)
+    assert job is not None and job.id == jid and job.series_uids == ("1.2.3",)
+    [study] = sp.studies()
+    assert study.covered_until is None and study.active_job
+    assert {r.series_instance_uid: r.covered_until for r in sp.series_rows()} == {"1.2.3": 101.0, "1.2.4": None}
+    sp.finish_job(jid, JobState.DONE, 142.0)
+    sp.enqueue("1.2", 130.0, 200.0)  # the study rule: the final pass covers every series
+    job = sp.claim_job(201.0)
+    assert job is not None and job.series_uids == ()
+    assert sp.series_rows() == []  # the study is covered: nothing waits any more
+
+
+def test_version_2_index_gains_the_series_columns(tmp_path: Path) -> None:
+    """An index from before series-level completion (schema 2) gains series.covered_until and jobs.series_uids."""
+    import sqlite3
+
+    sp = Spool(tmp_path)
+    sp.store(b"abc", _rec())
+    sp.close()
+    db = sqlite3.connect(tmp_path / "index.sqlite3")
+    for table, column in (("series", "covered_until"), ("jobs", "series_uids")):  # the version-2 tables
+        kept = ", ".join(r[1] for r in db.execute(f"PRAGMA table_info({table})") if r[1] != column)
+        db.execute(f"CREATE TABLE old AS SELECT {kept} FROM {table}")
+        db.execute(f"DROP TABLE {table}")
+        db.execute(f"ALTER TABLE old RENAME TO {table}")
+    db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    db.commit()
+    db.close()
+    sp = Spool(tmp_path)
+    assert [r.covered_until for r in sp.series_rows()] == [None]
+    assert "series_uids" in {r[1] for r in sp._query("PRAGMA table_info(jobs)")}
