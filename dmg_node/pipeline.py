@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import io
 import time
 from collections.abc import Callable, Sequence
@@ -23,14 +22,20 @@ import structlog
 from pydicom import Dataset, dcmread
 from pydicom.uid import generate_uid
 
-from dmg_node import __version__
+from dmg_node import __version__, metrics
 from dmg_node.classify import Choice, Label, choose, classify, header_from_series
 from dmg_node.completeness import incompleteness
-from dmg_node.config import OutputFormat, QaPolicy, QaSettings, RtStructSettings, Settings
+from dmg_node.config import (
+    OutputFormat,
+    QaPolicy,
+    QaSettings,
+    RtStructSettings,
+    Settings,
+)
 from dmg_node.dicomfiles import read_datasets
 from dmg_node.errors import JobInterrupted, RtStructError, SeriesError
 from dmg_node.late_qa import Earlier, late_qa, read_earlier, region_input
-from dmg_node.records import Job, RtStructKey
+from dmg_node.records import Job, RtStructKey, series_fingerprint
 from dmg_node.rtstruct import RoiSpec, RtStructMeta, build_rtstruct
 from dmg_node.seg_output import SegTarget, queue_seg, reuse_seg, rtstruct_rois
 from dmg_node.segment.qa import (
@@ -43,7 +48,6 @@ from dmg_node.segment.qa import (
 from dmg_node.segment.routing import ModelSet, Routable
 from dmg_node.storage.spool import Spool
 from dmg_node.volume import Volume, build_volume
-from dmg_node import metrics
 
 log = structlog.get_logger(__name__)
 
@@ -248,12 +252,6 @@ class Pipeline:
         """The SEG's destinations and the series identity of the RTSTRUCT it goes beside."""
         identity = _series_identity(datasets, label, model, self.settings.rtstruct)
         return SegTarget(self._dests(OutputFormat.SEG), identity, self.settings.node.ae_title)
-
-
-def series_fingerprint(datasets: list[Dataset]) -> str:
-    """sha256 of the series' sorted SOP Instance UIDs: what an RTSTRUCT was made from."""
-    uids = sorted(str(ds.get("SOPInstanceUID", "")) for ds in datasets)
-    return hashlib.sha256("\n".join(uids).encode("utf-8", "surrogateescape")).hexdigest()
 
 
 @dataclass(frozen=True)

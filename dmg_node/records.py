@@ -5,6 +5,8 @@ without importing the spool.
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -142,3 +144,9 @@ class RtStructRecord:
     model_version: str
     sop_instance_uid: str
     path: Path
+
+
+def series_fingerprint(datasets: Sequence[Any]) -> str:
+    """sha256 of the series' sorted SOP Instance UIDs: what an RTSTRUCT was made from."""
+    uids = sorted(str(ds.get("SOPInstanceUID", "")) for ds in datasets)
+    return hashlib.sha256("\n".join(uids).encode("utf-8", "surrogateescape")).hexdigest()
