@@ -126,6 +126,7 @@ class NodeSettings:
     max_instance_mb: int = 1024
     max_inflated_mb: int = 1024
     fast_path: bool = True
+    spool_in_memory_mb: int = 16
 
 
 @dataclass(frozen=True)
@@ -370,6 +371,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "node.max_pending_per_peer": (1, 10000),
     "node.max_instance_mb": (1, 65536),
     "node.max_inflated_mb": (1, 65536),
+    "node.spool_in_memory_mb": (0, 65536),
     "storage.min_free_mb": (0, 10**9),
     "assembly.quiet_seconds": (0, 86400),
     "assembly.poll_seconds": (0.05, 3600),

@@ -29,7 +29,7 @@ _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN
 # What dmg_node.storage.spool.safe_component may produce: a DICOM UID or "x" + 40 hex digits.
 SAFE_NAME = re.compile(r"[0-9]+(\.[0-9]+)*|x[0-9a-f]{40}")
 SPOOL_TOP_LEVEL = {"index.sqlite3", "index.sqlite3-wal", "index.sqlite3-shm", "node-status.json", "node.lock", "studies",
-                   "outbox"}
+                   "outbox", "incoming"}
 MUTATIONS = ("truncate", "flip", "length", "vr", "delete", "insert")
 
 
@@ -142,8 +142,11 @@ def indexed_paths(spool_root: Path) -> dict[str, str]:
 
 
 def unsafe_spool_entries(spool_root: Path) -> list[str]:
-    """Anything in the spool that is not index, status, or studies/<uid>/<uid>/<uid>.dcm."""
+    """Anything in the spool that is not index, status, or studies/<uid>/<uid>/<uid>.dcm
+    (a file left in incoming/ is a data set whose temp file was not removed)."""
     bad = [p.name for p in spool_root.iterdir() if p.name not in SPOOL_TOP_LEVEL]
+    if (spool_root / "incoming").is_dir():
+        bad += [f"incoming/{p.name}" for p in (spool_root / "incoming").iterdir()]
     studies = spool_root / "studies"
     for dirpath, dirs, files in os.walk(studies):
         rel = Path(dirpath).relative_to(studies).parts

@@ -15,6 +15,11 @@ values) was dropped with a log line and no response, so the sender waited for it
   control characters, non-ASCII) is answered 0xC000 at once, without its UIDs.
 
 The per-P-DATA cost is one pass over its PDVs (usually one) adding lengths.
+
+With a *spill_to* folder, a C-STORE data set that passes ``spill_bytes``
+(``node.spool_in_memory_mb``) goes on in a temp file there instead of memory
+(:mod:`dmg_node.net.streamed`); :func:`discard_partial` removes the file of a message the
+association did not finish.
 """
 
 from __future__ import annotations
@@ -22,13 +27,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from io import BytesIO
+from pathlib import Path
 from typing import Any
 
 import structlog
-from pynetdicom.dimse_messages import DIMSEMessage
+from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
 from pynetdicom.dimse_primitives import C_STORE
 
-from dmg_node.net import pdu_reader
+from dmg_node.net import pdu_reader, streamed
 from dmg_node.net.status import StoreStatus
 from dmg_node.net.store_rsp import response_command, send_command
 
@@ -54,13 +60,23 @@ class _Message:
     command_bytes: int = 0
     data_bytes: int = 0
     dropping: bool = False
+    #: the temp file of the data set being received, once it passed ``spill_bytes``
+    spilled: streamed.StreamedDataSet | None = None
+    #: the data set stays in memory (no header could be built, or the file could not be made)
+    in_memory: bool = False
+
+    def discard(self) -> None:
+        if self.spilled is not None:
+            self.spilled.discard()
+            self.spilled = None
 
 
-def install(assoc: Any, max_instance_bytes: int) -> None:
+def install(assoc: Any, max_instance_bytes: int, spill_bytes: int = 0, spill_to: Path | None = None) -> None:
     """Bound *assoc*'s incoming DIMSE messages (an acceptor, before it starts); see the module."""
     dimse = assoc.dimse
     pynetdicom_receive = dimse.receive_primitive
     state = _Message()
+    assoc.dmg_dimse_state = state
 
     def receive_primitive(primitive: Any) -> None:
         if dimse.message is None:
@@ -68,7 +84,8 @@ def install(assoc: Any, max_instance_bytes: int) -> None:
             message.message_to_primitive = _checked_conversion(assoc, message, state, max_instance_bytes)  # type: ignore[method-assign]
             dimse.message = message
             state.command_bytes = state.data_bytes = 0
-            state.dropping = False
+            state.dropping = state.in_memory = False
+            state.spilled = None  # a finished message's file belongs to its request now
         pdvs = primitive.presentation_data_value_list
         for _cx, data in pdvs:
             if data[0] & 1:
@@ -79,17 +96,50 @@ def install(assoc: Any, max_instance_bytes: int) -> None:
             log.warning("command_set_too_large", peer=_peer(assoc), received_bytes=state.command_bytes,
                         limit_bytes=MAX_COMMAND_BYTES, action="A-ABORT and close")
             dimse.message = None
+            state.discard()
             pdu_reader.abort(assoc)
             return
         if state.data_bytes > max_instance_bytes:
             if not state.dropping:
                 state.dropping = True
                 dimse.message.data_set = BytesIO()
+                if state.spilled is not None:
+                    dimse.message._data_set_file = dimse.message._data_set_path = None
+                    state.discard()
             # keep the command fragments and the last-fragment bit; drop the data
             pdvs[:] = [[cx, data if data[0] & 1 else data[:1]] for cx, data in pdvs if data[0] & 3]
+        elif (spill_to is not None and state.data_bytes > spill_bytes and state.spilled is None
+              and not state.in_memory):
+            _spill(assoc, dimse.message, state, spill_to)
         pynetdicom_receive(primitive)
+        if dimse.message is None:
+            state.spilled = None  # handed to the request (or discarded by the conversion)
 
     dimse.receive_primitive = receive_primitive
+
+
+def _spill(assoc: Any, message: Any, state: _Message, folder: Path) -> None:
+    """Go on writing *message*'s data set to a temp file in *folder*, once its command set is known."""
+    if not isinstance(message, C_STORE_RQ) or message.context_id is None:
+        state.in_memory = not isinstance(message, C_STORE_RQ) and message.context_id is not None
+        return
+    command = message.command_set
+    header = streamed.header_for(assoc, message, _uid(command, _TAG_SOP_CLASS), _uid(command, _TAG_SOP_INSTANCE))
+    if header is None:
+        state.in_memory = True  # refused at its end anyway (the UIDs), as before
+        return
+    try:
+        state.spilled = streamed.spill(message, folder, header)
+    except OSError as exc:
+        state.in_memory = True
+        log.warning("data_set_kept_in_memory", peer=_peer(assoc), error=str(exc)[:300])
+
+
+def discard_partial(assoc: Any) -> None:
+    """Remove the temp file of a data set *assoc* was receiving when it ended (if any)."""
+    state = getattr(assoc, "dmg_dimse_state", None)
+    if isinstance(state, _Message):
+        state.discard()
 
 
 def _checked_conversion(assoc: Any, message: Any, state: _Message, max_instance_bytes: int) -> Any:
@@ -109,6 +159,7 @@ def _checked_conversion(assoc: Any, message: Any, state: _Message, max_instance_
             reason = f"data set of {state.data_bytes} bytes is over node.max_instance_mb ({max_instance_bytes} bytes)"
         else:
             return type(message).message_to_primitive(message)
+        state.discard()
         log.warning("store_rejected", status=f"0x{status:04X}", reason=reason, peer=_peer(assoc),
                     calling_aet=assoc.requestor.ae_title, sop_uid=instance_uid or "")
         if isinstance(message_id, int):

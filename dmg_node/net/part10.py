@@ -13,7 +13,8 @@ from __future__ import annotations
 import struct
 import zlib
 from io import BytesIO
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, BinaryIO
 
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
@@ -42,9 +43,12 @@ _KNOWN_VRS = frozenset(VR.__members__)
 #: to (0020,0011) take, private groups included.
 INFLATED_HEAD = 16 << 20
 _INFLATE_CHUNK = 4 << 20
+#: A value longer than this is skipped, not read, when the header is read from a file (a large
+#: private element before the study attributes stays on disk).
+_DEFER_BYTES = 64 << 10
 
 
-def header_values(raw: bytes, transfer_syntax_uid: str, max_inflated: int | None = None) -> dict[str, str]:
+def header_values(raw: bytes | BinaryIO, transfer_syntax_uid: str, max_inflated: int | None = None) -> dict[str, str]:
     """The attributes :func:`dmg_node.storage.spool.instance_record` reads, from a received data set.
 
     The UIDs, Modality and Series Number are ASCII by definition, so their bytes are decoded
@@ -73,7 +77,7 @@ def header_values(raw: bytes, transfer_syntax_uid: str, max_inflated: int | None
     return values
 
 
-def header_dataset(raw: bytes, transfer_syntax_uid: str, max_inflated: int | None = None) -> Dataset:
+def header_dataset(raw: bytes | BinaryIO, transfer_syntax_uid: str, max_inflated: int | None = None) -> Dataset:
     """The data set's elements up to (0020,0011), decoded as pynetdicom decodes the whole one.
 
     Identifying the instance needs only the SOP, study and series attributes at the top of the
@@ -83,7 +87,8 @@ def header_dataset(raw: bytes, transfer_syntax_uid: str, max_inflated: int | Non
     Parameters
     ----------
     raw
-        The C-STORE data set as received (no File Meta group).
+        The C-STORE data set as received (no File Meta group), or a file positioned at its
+        start (:mod:`dmg_node.net.streamed`): then values over 64 KiB are skipped, not read.
     transfer_syntax_uid
         The accepted presentation context's transfer syntax.
     max_inflated
@@ -99,10 +104,21 @@ def header_dataset(raw: bytes, transfer_syntax_uid: str, max_inflated: int | Non
     syntax = UID(transfer_syntax_uid)
     if syntax.is_deflated:
         raw = inflate_head(raw, max_inflated)
-    return read_dataset(BytesIO(raw), syntax.is_implicit_VR, syntax.is_little_endian, stop_when=_past_indexed)
+    if isinstance(raw, (bytes, bytearray, memoryview)):
+        return read_dataset(BytesIO(raw), syntax.is_implicit_VR, syntax.is_little_endian, stop_when=_past_indexed)
+    return read_dataset(raw, syntax.is_implicit_VR, syntax.is_little_endian, stop_when=_past_indexed,
+                        defer_size=_DEFER_BYTES)
 
 
-def inflate_head(deflated: bytes, max_inflated: int | None, keep: int = INFLATED_HEAD) -> bytes:
+def _chunks(source: bytes | BinaryIO) -> Iterator[bytes]:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        yield bytes(source)
+        return
+    while chunk := source.read(_INFLATE_CHUNK):
+        yield chunk
+
+
+def inflate_head(deflated: bytes | BinaryIO, max_inflated: int | None, keep: int = INFLATED_HEAD) -> bytes:
     """The first *keep* bytes of a Deflated data set (PS3.5 A.5), checking its whole inflated size.
 
     A data set of 2 MB inflated to 2 GB in one ``zlib.decompress``; this inflates in chunks,
@@ -116,16 +132,24 @@ def inflate_head(deflated: bytes, max_inflated: int | None, keep: int = INFLATED
         The stream is not valid raw deflate.
     """
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    head = inflater.decompress(deflated, keep)
-    total = len(head)
-    tail = inflater.unconsumed_tail
-    while tail:
-        total += len(inflater.decompress(tail, _INFLATE_CHUNK))
-        tail = inflater.unconsumed_tail
-        if max_inflated is not None and total > max_inflated:
-            raise InstanceTooLarge(f"Deflated data set inflates to more than {max_inflated} bytes "
-                                   f"(node.max_inflated_mb); {len(deflated)} bytes were received")
-    total += len(inflater.flush())
+    head = b""
+    total = received = 0
+    for chunk in _chunks(deflated):
+        received += len(chunk)
+        tail = chunk
+        while tail:
+            out = inflater.decompress(tail, keep - len(head) if len(head) < keep else _INFLATE_CHUNK)
+            if len(head) < keep:
+                head += out
+            total += len(out)
+            tail = inflater.unconsumed_tail
+            if max_inflated is not None and total > max_inflated:
+                raise InstanceTooLarge(f"Deflated data set inflates to more than {max_inflated} bytes "
+                                       f"(node.max_inflated_mb); {received} bytes were received")
+    rest = inflater.flush()
+    if len(head) < keep:
+        head += rest[:keep - len(head)]
+    total += len(rest)
     if max_inflated is not None and total > max_inflated:
         raise InstanceTooLarge(f"Deflated data set inflates to {total} bytes, over {max_inflated} "
                                f"(node.max_inflated_mb)")

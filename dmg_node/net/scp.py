@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from io import BytesIO
-from typing import Any, cast
+from typing import Any, BinaryIO, cast
 
 import structlog
 from pydicom.uid import (
@@ -39,7 +39,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dmg_node.config import DuplicatePolicy, Settings
 from dmg_node.errors import ConfigError, InstanceTooLarge, ReceiveError, SpoolError
-from dmg_node.net import compat, dimse_guard, pdu_reader, reactor, store_rsp
+from dmg_node.net import compat, dimse_guard, pdu_reader, reactor, store_rsp, streamed
 from dmg_node.net.admission import AdmittingAE
 from dmg_node.net.gate import ConnectionGate, GatedAE
 from dmg_node.net.part10 import file_header, header_values
@@ -217,13 +217,15 @@ class Receiver:
         self.gate.bind(getattr(assoc.dul.socket, "socket", None), assoc)
         if self.guarded:
             pdu_reader.install(assoc, self.pdu_limits, on_dropped=self.gate.release)
-            dimse_guard.install(assoc, self.settings.node.max_instance_mb * _MIB)
+            node = self.settings.node
+            dimse_guard.install(assoc, node.max_instance_mb * _MIB, node.spool_in_memory_mb * _MIB, self.spool.incoming)
         if self.fast_path:
             reactor.install(assoc)
             store_rsp.install(assoc)
 
     def _on_conn_close(self, event: Event) -> None:
         self.gate.release(event.assoc)
+        dimse_guard.discard_partial(event.assoc)  # a data set cut off half-way leaves no file
 
     def _on_requested(self, event: Event) -> None:
         """Refuse AE titles with control characters (PS3.5 6.2), which pynetdicom strips away."""
@@ -296,10 +298,30 @@ class Receiver:
         return status
 
     def _store(self, event: Event) -> StoreStatus:
+        spilled = streamed.of_request(event.request)
+        if spilled is None:
+            return self._store_received(event, None)
+        try:
+            spilled.close()
+            if spilled.error is not None:
+                raise spilled.error
+            with open(spilled.path, "rb") as fp:
+                fp.seek(spilled.data_set_offset)
+                return self._store_received(event, (spilled, fp))
+        except OSError as exc:
+            log.error("store_failed", status=f"0x{StoreStatus.OUT_OF_RESOURCES:04X}", error=str(exc)[:300],
+                      calling_aet=event.assoc.requestor.ae_title, peer=self._peer(event))
+            return StoreStatus.OUT_OF_RESOURCES
+        finally:
+            spilled.discard()  # nothing left once renamed into the spool
+
+    def _store_received(self, event: Event, spilled: tuple[streamed.StreamedDataSet, BinaryIO] | None) -> StoreStatus:
+        """Check and store one received data set: in memory, or the spilled file and its reader."""
         t0 = time.perf_counter()
         calling = event.assoc.requestor.ae_title
         request = cast(C_STORE, event.request)
-        raw = cast(BytesIO, request.DataSet).getvalue()  # the data set exactly as received
+        # the data set exactly as received
+        raw: bytes | BinaryIO = cast(BytesIO, request.DataSet).getvalue() if spilled is None else spilled[1]
         syntax = str(event.context.transfer_syntax)
         fields = {"calling_aet": calling, "peer": self._peer(event),
                   "sop_uid": str(request.AffectedSOPInstanceUID or "")}
@@ -328,6 +350,11 @@ class Receiver:
             log.warning("store_rejected", status=f"0x{StoreStatus.CANNOT_UNDERSTAND:04X}",
                         reason=f"a UID is not ASCII: {exc}"[:300], **fields)
             return StoreStatus.CANNOT_UNDERSTAND
+        if spilled is not None and spilled[0].header != header:
+            # the file's header came from the command set, whose UIDs were checked equal above
+            log.warning("store_rejected", status=f"0x{StoreStatus.CANNOT_UNDERSTAND:04X}",
+                        reason="File Meta header differs from the command set's", **fields)
+            return StoreStatus.CANNOT_UNDERSTAND
         storage = self.settings.storage
         try:
             free = self.spool.free_bytes()
@@ -337,9 +364,14 @@ class Receiver:
                 return StoreStatus.OUT_OF_RESOURCES
             # The bytes as received behind our File Meta header (event.encoded_dataset() builds the
             # same bytes through pydicom, at a fifth of this handler's time).
-            data = header + raw
-            outcome = self.spool.store(data, rec,
-                                       keep_first=storage.duplicate_policy is DuplicatePolicy.KEEP_FIRST)
+            keep_first = storage.duplicate_policy is DuplicatePolicy.KEEP_FIRST
+            if spilled is None:
+                data = header + cast(bytes, raw)
+                size = len(data)
+                outcome = self.spool.store(data, rec, keep_first=keep_first)
+            else:
+                size = spilled[0].size
+                outcome = self.spool.store_file(spilled[0].path, size, rec, keep_first=keep_first)
         except (OSError, SpoolError) as exc:
             # SpoolError: the file was written but the index is full (SQLITE_FULL) - still a full disk.
             log.error("store_failed", status=f"0x{StoreStatus.OUT_OF_RESOURCES:04X}", error=str(exc), **fields)
@@ -349,7 +381,7 @@ class Receiver:
                      kept="first" if not outcome.stored else "later", **fields)
         if outcome.reopened:
             log.info("late_instance", late_policy=self.settings.assembly.late_policy, **fields)
-        metrics.stored(len(data), time.perf_counter() - t0)
-        log.info("instance_stored", status="0x0000", size=len(data),
+        metrics.stored(size, time.perf_counter() - t0)
+        log.info("instance_stored", status="0x0000", size=size, streamed=spilled is not None,
                  duration_ms=round((time.perf_counter() - t0) * 1000, 2), **fields)
         return StoreStatus.SUCCESS

@@ -9,6 +9,7 @@ the index runs with ``synchronous=NORMAL``). Layout under ``storage.root``::
     node.lock                          flock of the running node, with its pid
     studies/<study>/<series>/<sop>.dcm  one file per instance, bytes as received
     outbox/<job>/<sop>.dcm             RTSTRUCTs waiting for their destinations
+    incoming/<random>.incoming         large data sets still arriving (dmg_node.net.streamed)
 
 UIDs become path components only when they are valid DICOM UIDs (PS3.5 9.1); anything else
 (``../``, letters, over 64 characters) is stored under a hashed name, so no input can write outside
@@ -28,7 +29,7 @@ import re
 import shutil
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
 from dmg_node.errors import SpoolError
-from dmg_node.fsutil import TMP_SUFFIX, atomic_write
+from dmg_node.fsutil import TMP_SUFFIX, atomic_write, ensure_dir, fsync_dir
 from dmg_node.records import (
     InstanceRecord,
     Job,
@@ -172,6 +173,7 @@ class Spool:
         try:
             (self.root / "studies").mkdir(parents=True, exist_ok=True)
             (self.root / "outbox").mkdir(parents=True, exist_ok=True)
+            self.incoming.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.root / INDEX_FILE, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
@@ -265,6 +267,37 @@ class Spool:
             / f"{safe_component(sop_uid)}.dcm"
         )
 
+    @property
+    def incoming(self) -> Path:
+        """The folder of data sets still arriving, on the spool's file system (renamed, not copied)."""
+        return self.root / "incoming"
+
+    def store_file(self, temp: Path, size: int, rec: InstanceRecord, *, keep_first: bool = False) -> StoreOutcome:
+        """:meth:`store` for a complete Part 10 file already written to :attr:`incoming`.
+
+        The file is fsynced and renamed into place (then its folder fsynced) before it is indexed;
+        on a duplicate kept first, or any error, *temp* is left for the caller to remove.
+
+        Raises
+        ------
+        OSError, SpoolError
+            As :meth:`store`.
+        """
+
+        def move(path: Path) -> None:
+            if self.fsync:
+                fd = os.open(temp, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            ensure_dir(path.parent)
+            os.replace(temp, path)
+            if self.fsync:
+                fsync_dir(path.parent)
+
+        return self._store(move, size, rec, keep_first)
+
     def store(self, data: bytes | memoryview, rec: InstanceRecord, *, keep_first: bool = False) -> StoreOutcome:
         """Write one instance durably, then index it.
 
@@ -286,6 +319,10 @@ class Spool:
             The index could not record it (e.g. SQLITE_FULL): a new file is removed again (a
             re-sent copy that replaced the indexed file of the same instance stays).
         """
+        return self._store(lambda path: atomic_write(path, data, sync=self.fsync), len(data), rec, keep_first)
+
+    def _store(self, write: Callable[[Path], None], size: int, rec: InstanceRecord,
+               keep_first: bool) -> StoreOutcome:
         path = self.instance_path(rec.study_instance_uid, rec.series_instance_uid, rec.sop_instance_uid)
         existing = self._query(
             "SELECT path FROM instances WHERE sop_instance_uid = ?", (rec.sop_instance_uid,)
@@ -293,7 +330,7 @@ class Spool:
         duplicate = bool(existing)
         if duplicate and keep_first:
             return StoreOutcome(path=self.root / existing[0][0], stored=False, duplicate=True, reopened=False)
-        atomic_write(path, data, sync=self.fsync)
+        write(path)
         rel = str(path.relative_to(self.root))
         moved = duplicate and existing[0][0] != rel
         try:
@@ -301,7 +338,7 @@ class Spool:
                 db.execute(
                     "INSERT OR REPLACE INTO instances VALUES (?,?,?,?,?,?,?,?,?)",
                     (rec.sop_instance_uid, rec.series_instance_uid, rec.study_instance_uid, rec.sop_class_uid,
-                     rec.transfer_syntax_uid, rel, len(data), rec.calling_aet, rec.received_at),
+                     rec.transfer_syntax_uid, rel, size, rec.calling_aet, rec.received_at),
                 )
                 db.execute(
                     "INSERT OR IGNORE INTO series (series_instance_uid, study_instance_uid, modality, series_number,"
@@ -375,6 +412,9 @@ class Spool:
                 counts["reindexed"] += 1
         for outbox_tmp in (self.root / "outbox").rglob(f"*{TMP_SUFFIX}"):
             outbox_tmp.unlink(missing_ok=True)
+            counts["temp_removed"] += 1
+        for arriving in self.incoming.iterdir() if self.incoming.is_dir() else ():
+            arriving.unlink(missing_ok=True)  # data sets cut off by the last stop: never answered Success
             counts["temp_removed"] += 1
         with self._tx() as db:
             cur = db.execute("UPDATE jobs SET state = 'pending' WHERE state = 'running'")
