@@ -275,12 +275,24 @@ def running_storescp(outdir: Path, aet: str = "STORESCP", *extra: str,
                      port: int | None = None) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     """Start DCMTK storescp writing into *outdir*; always stopped on exit."""
     outdir.mkdir(parents=True, exist_ok=True)
-    port = port or free_port()
-    proc = subprocess.Popen([DCMTK["storescp"], "-aet", aet, "-od", str(outdir), *extra, str(port)],
-                            env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    fixed = port is not None
+    for attempt in range(3):
+        # free_port() only says the port was free a moment ago: another process may take it before
+        # storescp binds (storescp then exits 1); a port we picked ourselves is picked again.
+        chosen = port if fixed else free_port()
+        assert chosen is not None
+        proc = subprocess.Popen([DCMTK["storescp"], "-aet", aet, "-od", str(outdir), *extra, str(chosen)],
+                                env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_port(chosen, 30, proc)
+        except RuntimeError:
+            stop_process(proc)
+            if fixed or attempt == 2:
+                raise
+            continue
+        break
     try:
-        wait_port(port, 30, proc)
-        yield proc, port
+        yield proc, chosen
     finally:
         stop_process(proc)
 
