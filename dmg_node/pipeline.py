@@ -34,7 +34,7 @@ from dmg_node.config import (
 )
 from dmg_node.dicomfiles import read_datasets
 from dmg_node.errors import JobInterrupted, RtStructError, SeriesError
-from dmg_node.late_qa import Earlier, late_qa, read_earlier, region_input
+from dmg_node.late_qa import REASON_MAX_CHARS, Earlier, late_qa, read_earlier, region_input
 from dmg_node.records import Job, RtStructKey, series_fingerprint
 from dmg_node.rtstruct import RoiSpec, RtStructMeta, build_rtstruct
 from dmg_node.seg_output import SegTarget, queue_seg, reuse_seg, rtstruct_rois
@@ -51,8 +51,6 @@ from dmg_node.volume import Volume, build_volume
 
 log = structlog.get_logger(__name__)
 
-# Series Description (LO, 64 characters) of an RTSTRUCT whose contour the QA flagged.
-REASON_MAX_CHARS = 300
 
 
 @dataclass(frozen=True)

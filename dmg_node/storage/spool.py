@@ -157,6 +157,20 @@ CREATE TABLE IF NOT EXISTS segs (  -- the same for DICOM SEGs (no version bump: 
 _MADE_TABLES = {"rtstruct": "rtstructs", "seg": "segs"}
 
 
+def _index_rows(db: sqlite3.Connection, rec: InstanceRecord, rel: str, size: int) -> None:
+    """The instance's row, and its series' row if new (inside the caller's transaction)."""
+    db.execute(
+        "INSERT OR REPLACE INTO instances VALUES (?,?,?,?,?,?,?,?,?)",
+        (rec.sop_instance_uid, rec.series_instance_uid, rec.study_instance_uid, rec.sop_class_uid,
+         rec.transfer_syntax_uid, rel, size, rec.calling_aet, rec.received_at),
+    )
+    db.execute(
+        "INSERT OR IGNORE INTO series (series_instance_uid, study_instance_uid, modality, series_number,"
+        " series_description) VALUES (?,?,?,?,?)",
+        (rec.series_instance_uid, rec.study_instance_uid, rec.modality, rec.series_number, rec.series_description),
+    )
+
+
 def safe_component(uid: str) -> str:
     """Return *uid* if it is a valid DICOM UID, else a stable hashed stand-in (never a path trick)."""
     if len(uid) <= 64 and _UID_RE.fullmatch(uid):
@@ -335,17 +349,7 @@ class Spool:
         moved = duplicate and existing[0][0] != rel
         try:
             with self._tx() as db:
-                db.execute(
-                    "INSERT OR REPLACE INTO instances VALUES (?,?,?,?,?,?,?,?,?)",
-                    (rec.sop_instance_uid, rec.series_instance_uid, rec.study_instance_uid, rec.sop_class_uid,
-                     rec.transfer_syntax_uid, rel, size, rec.calling_aet, rec.received_at),
-                )
-                db.execute(
-                    "INSERT OR IGNORE INTO series (series_instance_uid, study_instance_uid, modality, series_number,"
-                    " series_description) VALUES (?,?,?,?,?)",
-                    (rec.series_instance_uid, rec.study_instance_uid, rec.modality, rec.series_number,
-                     rec.series_description),
-                )
+                _index_rows(db, rec, rel, size)
                 row = db.execute(
                     "SELECT covered_until FROM studies WHERE study_instance_uid = ?",
                     (rec.study_instance_uid,),
@@ -423,17 +427,7 @@ class Spool:
 
     def _index_existing(self, rec: InstanceRecord, rel: str, size: int) -> None:
         with self._tx() as db:
-            db.execute(
-                "INSERT OR REPLACE INTO instances VALUES (?,?,?,?,?,?,?,?,?)",
-                (rec.sop_instance_uid, rec.series_instance_uid, rec.study_instance_uid, rec.sop_class_uid,
-                 rec.transfer_syntax_uid, rel, size, rec.calling_aet, rec.received_at),
-            )
-            db.execute(
-                "INSERT OR IGNORE INTO series (series_instance_uid, study_instance_uid, modality, series_number,"
-                " series_description) VALUES (?,?,?,?,?)",
-                (rec.series_instance_uid, rec.study_instance_uid, rec.modality, rec.series_number,
-                 rec.series_description),
-            )
+            _index_rows(db, rec, rel, size)
             db.execute(
                 "INSERT INTO studies (study_instance_uid, first_received_at, last_received_at) VALUES (?,?,?)"
                 " ON CONFLICT(study_instance_uid) DO UPDATE SET"
