@@ -83,21 +83,11 @@ class RecentWarnings:
 RECENT_WARNINGS = RecentWarnings()
 
 
-# pydicom's warnings quote the offending element value ("Invalid value for VR PN: 'DOE^JANE'"):
-# that value can be a patient's name or ID, so it never reaches the log.
-_QUOTED_VALUE = re.compile(r"""(VR [A-Z]{2}\b[^'"]*?)(['"]).*?\2""")
-
-
-def redact_warning(text: str) -> str:
-    """A Python warning's text with any element value quoted after "VR XX" withheld."""
-    return _QUOTED_VALUE.sub(r"\1<value withheld>", text)
-
-
 def _warning_to_log(message: Warning | str, category: type[Warning], filename: str, lineno: int,
                     file: TextIO | None = None, line: str | None = None) -> None:
     structlog.get_logger("py.warnings").warning(
-        "python_warning", category=category.__name__, message=redact_warning(str(message))[:500],
-        module=Path(filename).name, line=lineno)
+        "python_warning", category=category.__name__, message=str(message)[:500], module=Path(filename).name,
+        line=lineno)
 
 
 def configure(level: str = "info", fmt: str = "json", include_phi: bool = False, stream: TextIO | None = None) -> None:
