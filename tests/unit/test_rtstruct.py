@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import subprocess
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -151,64 +150,8 @@ def write_checked(rt: Dataset, tmp_path: Path, name: str = "rt.dcm") -> Dataset:
     return pydicom.dcmread(path)
 
 
-def read_mha(path: Path) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float64]]:
-    """A tiny MetaImage reader: the (z, y, x) array and the 4x4 map from (x, y, z) index to LPS."""
-    raw = path.read_bytes()
-    end = raw.index(b"ElementDataFile = LOCAL\n") + len(b"ElementDataFile = LOCAL\n")
-    header = dict(line.split(" = ", 1) for line in raw[:end].decode().splitlines())
-    assert header["ElementType"] == "MET_UCHAR", header
-    dims = [int(v) for v in header["DimSize"].split()]
-    data = raw[end:]
-    if header.get("CompressedData") == "True":
-        data = zlib.decompress(data)
-    array = np.frombuffer(data, dtype=np.uint8).reshape(dims[::-1])
-    affine = np.eye(4)
-    direction = np.asarray([float(v) for v in header["TransformMatrix"].split()]).reshape(3, 3)
-    affine[:3, :3] = direction.T * np.asarray([float(v) for v in header["ElementSpacing"].split()])
-    affine[:3, 3] = [float(v) for v in header["Offset"].split()]
-    return array, affine
-
-
-def plastimatch_mask(series: list[Dataset], rtstruct: Dataset, volume: Volume, tmp_path: Path) -> npt.NDArray[np.bool_]:
-    """Write series + RTSTRUCT, let plastimatch rasterise the ROI, resample it onto *volume*'s voxel centres."""
-    series_dir = tmp_path / "series"
-    series_dir.mkdir()
-    for n, ds in enumerate(series):
-        ds.save_as(series_dir / f"{n:03d}.dcm", enforce_file_format=True)
-    rt_path = tmp_path / "rt.dcm"
-    save_rtstruct(rtstruct, rt_path)
-    dciodvfy(rt_path)
-    out = tmp_path / "out"
-    proc = subprocess.run(
-        [require_tool("plastimatch"), "convert", "--input", str(rt_path), "--referenced-ct", str(series_dir),
-         "--output-prefix", str(out), "--prefix-format", "mha"],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    array, affine = read_mha(out / f"{ROI.name}.mha")
-    k, j, i = np.indices(volume.array.shape)
-    xyz = volume.index_to_patient(np.stack([i, j, k], axis=-1))
-    index = np.rint((xyz - affine[:3, 3]) @ np.linalg.inv(affine[:3, :3]).T).astype(int)
-    inside = np.all((index >= 0) & (index < np.asarray(array.shape[::-1])), axis=-1)
-    index = np.where(inside[..., None], index, 0)
-    back: npt.NDArray[np.bool_] = inside & (array[index[..., 2], index[..., 1], index[..., 0]] > 0)
-    return back
-
-
 def dice(a: npt.NDArray[np.bool_], b: npt.NDArray[np.bool_]) -> float:
     return float(2 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b)))
-
-
-def assert_matches(back: npt.NDArray[np.bool_], mask: npt.NDArray[np.bool_]) -> None:
-    """Dice >= 0.97 (the brief's bar) and at most 0.1 % of the mask's voxels differing (we expect none)."""
-    assert dice(back, mask) >= 0.97, dice(back, mask)
-    assert np.count_nonzero(back ^ mask) <= np.count_nonzero(mask) // 1000, np.count_nonzero(back ^ mask)
-
-
-
-
-
-
 
 
 @pytest.mark.parametrize("name", sorted(GEOMETRIES))
