@@ -140,13 +140,13 @@ def build_rtstruct(
             raise RtStructError("mask is empty" if number == 1 else f"mask of ROI {spec.name!r} is empty")
         if any(not 0 <= c <= 255 for c in spec.color) or len(spec.color) != 3:
             raise RtStructError(f"ROI colour must be three values in 0..255; found {spec.color}")
-    by_uid = _check_source(source, volume)
+    by_uid = check_source(source, volume)
     ds = _skeleton(_stand_ins(source, volume, by_uid), by_uid[volume.sop_instance_uids[0]], meta)
     n_contours = 0
     for number, (spec, roi_mask) in enumerate(rois, start=1):
         n_contours += _add_roi(ds, number, spec, roi_mask, volume, by_uid)
 
-    charset = _character_set(ds, by_uid[volume.sop_instance_uids[0]])
+    charset = character_set(ds, by_uid[volume.sop_instance_uids[0]])
     if charset is not None:
         ds.SpecificCharacterSet = charset
     log.info("rtstruct_built", sop_uid=meta.sop_instance_uid, contours=n_contours,
@@ -161,11 +161,11 @@ def _add_roi(ds: Dataset, number: int, roi: RoiSpec, mask: npt.NDArray[np.bool_]
     Returns the number of contours written.
     """
     ssroi = ds_helper.create_structure_set_roi(
-        ROIData(mask, list(roi.color), number, _fit(roi.name, 64), volume.frame_of_reference_uid)
+        ROIData(mask, list(roi.color), number, fit_text(roi.name, 64), volume.frame_of_reference_uid)
     )
-    ssroi.ROIGenerationDescription = _fit(roi.generation_description, 64)
+    ssroi.ROIGenerationDescription = fit_text(roi.generation_description, 64)
     if roi.description:
-        ssroi.ROIDescription = _fit(roi.description, 64)
+        ssroi.ROIDescription = fit_text(roi.description, 64)
     else:
         del ssroi.ROIDescription  # rt-utils' empty Type 3 value
     ds.StructureSetROISequence.append(ssroi)
@@ -200,7 +200,7 @@ def save_rtstruct(ds: Dataset, path: Path) -> None:
     atomic_write(path, buffer.getvalue())
 
 
-def _check_source(source: Sequence[Dataset], volume: Volume) -> dict[str, Dataset]:
+def check_source(source: Sequence[Dataset], volume: Volume) -> dict[str, Dataset]:
     """Index *source* by SOP Instance UID after checking it is exactly the volume's series."""
     by_uid = {str(ds.get("SOPInstanceUID", "")): ds for ds in source}
     if len(by_uid) != len(source) or set(by_uid) != set(volume.sop_instance_uids):
@@ -267,12 +267,12 @@ def _skeleton(stand_ins: list[Dataset], reference: Dataset, meta: RtStructMeta) 
     ds.InstanceCreationTime = ds.StructureSetTime = ds.SeriesTime = time
     if meta.created.utcoffset() is not None:
         ds.TimezoneOffsetFromUTC = meta.created.strftime("%z")
-    ds.Manufacturer = _fit(meta.manufacturer, 64)
-    ds.SoftwareVersions = _fit(meta.software_version, 64)
-    ds.SeriesDescription = _fit(meta.series_description, 64)
-    ds.StructureSetLabel = _fit(meta.structure_set_label, 16)
-    ds.StructureSetName = _fit(meta.structure_set_label, 64)
-    ds.StructureSetDescription = _fit(meta.structure_set_description or meta.series_description, 1024)
+    ds.Manufacturer = fit_text(meta.manufacturer, 64)
+    ds.SoftwareVersions = fit_text(meta.software_version, 64)
+    ds.SeriesDescription = fit_text(meta.series_description, 64)
+    ds.StructureSetLabel = fit_text(meta.structure_set_label, 16)
+    ds.StructureSetName = fit_text(meta.structure_set_label, 64)
+    ds.StructureSetDescription = fit_text(meta.structure_set_description or meta.series_description, 1024)
     ds.ApprovalStatus = "UNAPPROVED"
     ds.InstanceNumber = 1
     ds.OperatorsName = ""
@@ -344,7 +344,7 @@ def _slice_origin(ds: Dataset, volume: Volume, k: int) -> npt.NDArray[np.float64
     return origin
 
 
-def _character_set(ds: Dataset, reference: Dataset) -> str | list[str] | None:
+def character_set(ds: Dataset, reference: Dataset) -> str | list[str] | None:
     """Specific Character Set for *ds* (PS3.3 C.12.1.1.2): the source's if it encodes all our text.
 
     Falls back to UTF-8 (``ISO_IR 192``) so that names such as 张三 survive (rt-utils writes
@@ -373,6 +373,6 @@ def _encodes(text: str, encoding: str) -> bool:
     return True
 
 
-def _fit(text: str, max_chars: int) -> str:
+def fit_text(text: str, max_chars: int) -> str:
     """*text* cut to the maximum length of its value representation (PS3.5 6.2)."""
     return text[:max_chars]

@@ -39,7 +39,7 @@ from pydicom.valuerep import format_number_as_ds
 
 import dmg_node
 from dmg_node.errors import RtStructError, SegError
-from dmg_node.rtstruct.build import RoiSpec, _character_set, _check_source, _fit
+from dmg_node.rtstruct.build import RoiSpec, character_set, check_source, fit_text
 from dmg_node.volume import Volume
 
 log = structlog.get_logger(__name__)
@@ -115,7 +115,7 @@ def build_seg(
         if not roi_mask.any():
             raise SegError(f"mask of segment {spec.name!r} is empty; a SEG needs at least one segmented voxel")
     try:
-        by_uid = _check_source(source, volume)
+        by_uid = check_source(source, volume)
     except RtStructError as exc:  # the same rule as the RTSTRUCT's, reported as this output's error
         raise SegError(str(exc)) from exc
     stacked = np.stack([m for _, m in rois], axis=-1).astype(np.uint8)
@@ -138,13 +138,13 @@ def build_seg(
             series_number=meta.series_number,
             sop_instance_uid=meta.sop_instance_uid,
             instance_number=1,
-            manufacturer=_fit(meta.manufacturer, 64),
+            manufacturer=fit_text(meta.manufacturer, 64),
             manufacturer_model_name="dmg-node",
-            software_versions=_fit(meta.software_version, 64),
-            device_serial_number=_fit(meta.device_serial_number, 64) or "DMG_NODE",
-            content_description=_fit(meta.content_description or meta.series_description, 64),
+            software_versions=fit_text(meta.software_version, 64),
+            device_serial_number=fit_text(meta.device_serial_number, 64) or "DMG_NODE",
+            content_description=fit_text(meta.content_description or meta.series_description, 64),
             content_label=_content_label(meta.content_label),
-            series_description=_fit(meta.series_description, 64),
+            series_description=fit_text(meta.series_description, 64),
             transfer_syntax_uid=ImplicitVRLittleEndian,
             content_date=date, content_time=time, series_date=date, series_time=time,
             omit_empty_frames=True,
@@ -157,7 +157,7 @@ def build_seg(
     if meta.created.utcoffset() is not None:
         ds.TimezoneOffsetFromUTC = meta.created.strftime("%z")
     _fit_decimal_strings(ds)
-    charset = _character_set(ds, reference)
+    charset = character_set(ds, reference)
     if charset is not None:
         ds.SpecificCharacterSet = charset
     elif "SpecificCharacterSet" in ds:
@@ -186,12 +186,12 @@ def _stand_in(ds: Dataset, volume: Volume) -> Dataset:
 def _segment(number: int, roi: RoiSpec, meta: SegMeta) -> SegmentDescription:
     """One Segment Sequence item (PS3.3 C.8.20.2): label, what it is, who made it, its colour."""
     algorithm = hd.AlgorithmIdentificationSequence(
-        name=_fit(meta.algorithm_name, 64), family=codes.cid7162.ArtificialIntelligence,
-        version=_fit(meta.algorithm_version, 64),
+        name=fit_text(meta.algorithm_name, 64), family=codes.cid7162.ArtificialIntelligence,
+        version=fit_text(meta.algorithm_version, 64),
     )
     item = SegmentDescription(
         segment_number=number,
-        segment_label=_fit(roi.name, 64),
+        segment_label=fit_text(roi.name, 64),
         segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
         segmented_property_type=codes.SCT.Neoplasm,
         algorithm_type=SegmentAlgorithmTypeValues.AUTOMATIC,
@@ -199,7 +199,7 @@ def _segment(number: int, roi: RoiSpec, meta: SegMeta) -> SegmentDescription:
         display_color=hd.color.CIELabColor.from_rgb(*roi.color),
     )
     if roi.description:
-        item.SegmentDescription = _fit(roi.description, 1024)  # ST; the RTSTRUCT's ROI Description is LO 64
+        item.SegmentDescription = fit_text(roi.description, 1024)  # ST; the RTSTRUCT's ROI Description is LO 64
     return item
 
 
