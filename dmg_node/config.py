@@ -34,6 +34,8 @@ DEFAULTS_ROOT = DEFAULT_CONFIG.parent.parent
 # no control characters; leading/trailing spaces are not significant.
 _AE_RE = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")
 SEQUENCES = ("t1c", "t2", "flair")
+#: ``[node] workers = 0`` (the default) receives in one process per core, up to this many.
+MAX_AUTO_WORKERS = 8
 
 
 class DuplicatePolicy(StrEnum):
@@ -127,6 +129,15 @@ class NodeSettings:
     max_inflated_mb: int = 1024
     fast_path: bool = True
     spool_in_memory_mb: int = 16
+    # Receive processes (dmg_node.net.pool); 0 = one per core, at most MAX_AUTO_WORKERS; 1 = receive
+    # in the node process itself
+    workers: int = 0
+
+    def receive_workers(self, cpus: int | None = None) -> int:
+        """How many processes receive: ``workers``, or for 0 one per core (*cpus*, default this machine's)."""
+        if self.workers:
+            return self.workers
+        return max(1, min(cpus if cpus is not None else (os.cpu_count() or 1), MAX_AUTO_WORKERS))
 
 
 @dataclass(frozen=True)
@@ -372,6 +383,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "node.max_instance_mb": (1, 65536),
     "node.max_inflated_mb": (1, 65536),
     "node.spool_in_memory_mb": (0, 65536),
+    "node.workers": (0, 64),
     "storage.min_free_mb": (0, 10**9),
     "assembly.quiet_seconds": (0, 86400),
     "assembly.poll_seconds": (0.05, 3600),

@@ -37,10 +37,53 @@ SEGMENT_SECONDS = Histogram(
     ["sequence", "model"], buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600), registry=REGISTRY)
 
 
+#: In a receive worker process (``[node] workers`` > 1) the receive events go to the supervisor,
+#: which serves /metrics, instead of this process's counters (:func:`forward_to`, :func:`replay`).
+_forward: Callable[[tuple[Any, ...]], None] | None = None
+
+
+def forward_to(sink: Callable[[tuple[Any, ...]], None] | None) -> None:
+    """Send this process's receive events to *sink* (None: count them here again)."""
+    global _forward
+    _forward = sink
+
+
 def stored(size: int, seconds: float) -> None:
     """Count one stored instance of *size* bytes that took *seconds* in the handler."""
+    if _forward is not None:
+        _forward(("stored", size, seconds))
+        return
     RECEIVED_BYTES.inc(size)
     STORE_SECONDS.observe(seconds)
+
+
+def store_failed(status: str) -> None:
+    """Count one C-STORE answered with failure *status* (its name, lower case)."""
+    if _forward is not None:
+        _forward(("store_failed", status))
+        return
+    STORE_FAILURES.labels(status).inc()
+
+
+def association(outcome: str) -> None:
+    """Count one association request by *outcome* (accepted or rejected)."""
+    if _forward is not None:
+        _forward(("association", outcome))
+        return
+    ASSOCIATIONS.labels(outcome).inc()
+
+
+def replay(events: list[tuple[Any, ...]]) -> None:
+    """Count receive events forwarded by a worker process."""
+    for event in events:
+        kind, *args = event
+        if kind == "stored":
+            RECEIVED_BYTES.inc(args[0])
+            STORE_SECONDS.observe(args[1])
+        elif kind == "store_failed":
+            STORE_FAILURES.labels(str(args[0])).inc()
+        elif kind == "association":
+            ASSOCIATIONS.labels(str(args[0])).inc()
 
 
 class SpoolCounts(Protocol):

@@ -23,6 +23,7 @@ from dmg_node.config import Completion, DuplicatePolicy, Settings
 from dmg_node.errors import ConfigError, DmgNodeError, InferenceUnavailable, JobInterrupted
 from dmg_node.fsutil import atomic_write
 from dmg_node.net.outbox import OutboxWorker
+from dmg_node.net.pool import ReceiverPool
 from dmg_node.net.scp import Receiver
 from dmg_node.pipeline import Pipeline
 from dmg_node.records import Job, JobState
@@ -48,7 +49,9 @@ class Node:
     def __init__(self, settings: Settings, *, models: dict[Label, ModelSet] | None = None) -> None:
         self.settings = settings
         self.spool = Spool(settings.storage.root, fsync=settings.storage.fsync)
-        self.receiver = Receiver(settings, self.spool)
+        workers = settings.node.receive_workers()
+        self.receiver: Receiver | ReceiverPool = (
+            ReceiverPool(settings, self.spool, workers) if workers > 1 else Receiver(settings, self.spool))
         self._stop = threading.Event()
         self._job_wake = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -377,6 +380,7 @@ class Node:
             "pid": os.getpid(), "version": __version__, "started_at": self.started, "updated_at": time.time(),
             "ae_title": self.settings.node.ae_title, "port": self.receiver.port,
             "associations": self.receiver.active_associations(),
+            "receive_workers": self.receiver.pids() if isinstance(self.receiver, ReceiverPool) else [],
             "models": {k.value: {"name": m.name, "version": m.version, "device": str(m.device), "members": m.describe()}
                        for k, m in models.items()},
             "models_missing": self._models_missing(),

@@ -3,7 +3,9 @@
 Usage: python -m integration.bench_receive [--images 600] [--repeats 3]
 
 Prints images/s (median of the repeats) and peak RSS of each receiver, and the ratios of
-dmg-node against the two peers measured in the same run. Everything runs on 127.0.0.1 and every
+dmg-node against the two peers measured in the same run. dmg-node runs twice: with its default
+receive workers (one process per core, docs/reliability.md) and receiving in the node process
+itself (``workers = 1``), so one association through a worker is seen against the single process. Everything runs on 127.0.0.1 and every
 process is stopped at the end.
 """
 
@@ -53,8 +55,9 @@ def orthanc(work: Path) -> Iterator[tuple[int, int, str]]:
         yield o.proc.pid, o.dicom_port, o.aet
 
 
-def dmg_node(work: Path, **storage: object) -> Iterator[tuple[int, int, str]]:
-    with running_node(work, storage={"root": str(work / "spool"), "min_free_mb": 1, **storage}) as n:
+def dmg_node(work: Path, workers: int = 0, **storage: object) -> Iterator[tuple[int, int, str]]:
+    with running_node(work, storage={"root": str(work / "spool"), "min_free_mb": 1, **storage},
+                      node={"workers": workers}) as n:
         yield n.proc.pid, n.port, "DMG_NODE"
 
 
@@ -70,6 +73,7 @@ def main() -> None:
         "DCMTK storescp": contextmanager(storescp),
         "Orthanc": contextmanager(orthanc),
         "dmg-node (fsync)": contextmanager(dmg_node),
+        "dmg-node (fsync), workers = 1": contextmanager(lambda w: dmg_node(w, workers=1)),
     }
     if args.no_fsync_variant:
         receivers["dmg-node (no fsync)"] = contextmanager(lambda w: dmg_node(w, fsync=False))

@@ -198,7 +198,9 @@ def running_node(workdir: Path, port: int | None = None, cwd: Path | None = None
     workdir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     cfg = node_config(workdir, port, **sections)
-    log_path = workdir / "node.log"
+    # not beside node.toml: the node watches that folder, and a log line a C-STORE would wake it
+    log_path = workdir / "log" / "node.log"
+    log_path.parent.mkdir(exist_ok=True)
     with open(log_path, "wb") as logf:
         proc = subprocess.Popen([sys.executable, "-m", "dmg_node.cli", "serve", "--config", str(cfg)],
                                 stdout=logf, stderr=subprocess.STDOUT, cwd=cwd or workdir)

@@ -169,8 +169,11 @@ class GatedAE(AE):
     gate: ConnectionGate | None = None
 
     def make_server(self, *args: Any, **kwargs: Any) -> Any:
-        """pynetdicom's ``make_server`` (as ``start_server`` calls it) with :class:`GatedServer`."""
-        kwargs["server_class"] = GatedServer
+        """pynetdicom's ``make_server`` (as ``start_server`` calls it, naming its own threaded server)
+        with :class:`GatedServer`, or the subclass of it the caller names."""
+        cls = kwargs.get("server_class")
+        if not (isinstance(cls, type) and issubclass(cls, GatedServer)):
+            kwargs["server_class"] = GatedServer
         server: Any = super().make_server(*args, **kwargs)
         server.gate = self.gate
         server.contexts = CheapCopyContexts(server.contexts)

@@ -9,63 +9,40 @@ message's size and UIDs (:mod:`dmg_node.net.dimse_guard`); docs/reliability.md h
 
 from __future__ import annotations
 
+import socket
 import ssl
 import threading
 import time
 from dataclasses import dataclass, field
 from io import BytesIO
-from typing import Any, BinaryIO, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 import structlog
-from pydicom.uid import (
-    JPEG2000,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    JPEG2000Lossless,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLossless,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    RLELossless,
-)
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AllStoragePresentationContexts, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dmg_node.config import DuplicatePolicy, Settings
-from dmg_node.errors import ConfigError, InstanceTooLarge, ReceiveError, SpoolError
+from dmg_node.errors import InstanceTooLarge, ReceiveError, SpoolError
 from dmg_node.net import compat, dimse_guard, pdu_reader, reactor, store_rsp, streamed
 from dmg_node.net.admission import AdmittingAE
-from dmg_node.net.gate import ConnectionGate, GatedAE
+from dmg_node.net.gate import ConnectionGate, GatedAE, GatedServer
 from dmg_node.net.part10 import file_header, header_values
 from dmg_node.net.status import EchoStatus, StoreStatus
+from dmg_node.net.syntaxes import TRANSFER_SYNTAXES
+from dmg_node.net.tls import tls_context
 from dmg_node.net.tuning import tune_connection
 from dmg_node.records import instance_record
 from dmg_node.storage.spool import Spool
 from dmg_node import metrics
 
+if TYPE_CHECKING:
+    from dmg_node.net.worker import WorkerLink
+
 log = structlog.get_logger(__name__)
 
-TRANSFER_SYNTAXES = [
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    JPEGLosslessSV1,
-    JPEGLossless,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    JPEG2000Lossless,
-    JPEG2000,
-    RLELossless,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-]
 
 _MIB = 1024 * 1024
 
@@ -79,28 +56,17 @@ class _AssocStats:
     failed: int = 0
 
 
-def tls_context(settings: Settings) -> ssl.SSLContext | None:
-    """The server-side TLS context from ``[tls]``, or None when TLS is off (PS3.15 B.1)."""
-    tls = settings.tls
-    if not tls.enabled:
-        return None
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        ctx.load_cert_chain(tls.cert, tls.key)
-        if tls.ca:
-            ctx.load_verify_locations(tls.ca)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"{settings.source}: [tls] certificate, key or CA cannot be loaded: {exc}") from exc
-    ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_NONE
-    return ctx
-
-
 class Receiver:
-    """Owns the AE and its server thread; :meth:`apply` updates the live-changeable settings."""
+    """Owns the AE and its server thread; :meth:`apply` updates the live-changeable settings.
 
-    def __init__(self, settings: Settings, spool: Spool) -> None:
+    With *link* (a receive worker process, :mod:`dmg_node.net.worker`) it does not listen: the
+    supervisor accepts and hands each connection over (:meth:`serve_connection`), and the pending
+    connection and association counts are the supervisor's (global over all workers).
+    """
+
+    def __init__(self, settings: Settings, spool: Spool, link: WorkerLink | None = None) -> None:
         self.settings = settings
+        self.link = link
         self.spool = spool
         self.pynetdicom_version = compat.pynetdicom_version()
         #: the input guards and the fast path patch pynetdicom internals: only where tested
@@ -108,12 +74,18 @@ class Receiver:
         self.fast_path = self.guarded and settings.node.fast_path
         node = settings.node
         self.pdu_limits = pdu_reader.limits_for(node.pdu_timeout, node.maximum_pdu_size, node.max_instance_mb * _MIB)
-        self.gate = ConnectionGate(node.max_pending_connections, node.max_pending_per_peer)
-        # fair admission is no speed-up: it applies wherever the guards do (half-open connections
-        # would otherwise count against maximum_associations in pynetdicom's own check)
-        self.ae = self._build_ae(settings, admitting=self.guarded)
-        self.ae.gate = self.gate
+        self.gate: ConnectionGate | WorkerLink
+        if link is None:
+            self.gate = ConnectionGate(node.max_pending_connections, node.max_pending_per_peer)
+            # fair admission is no speed-up: it applies wherever the guards do (half-open connections
+            # would otherwise count against maximum_associations in pynetdicom's own check)
+            self.ae = self._build_ae(settings, AdmittingAE if self.guarded else GatedAE)
+            self.ae.gate = self.gate
+        else:
+            self.gate = link
+            self.ae = self._build_ae(settings, link.ae_class())
         self._server: Any = None
+        self._detached = False
         self._stats: dict[int, _AssocStats] = {}
         self._stats_lock = threading.Lock()
 
@@ -122,19 +94,8 @@ class Receiver:
     def start(self) -> None:
         """Bind and serve in background threads (one per association)."""
         node = self.settings.node
-        handlers: list[Any] = [
-            (evt.EVT_CONN_OPEN, self._on_conn_open),
-            (evt.EVT_CONN_CLOSE, self._on_conn_close),
-            (evt.EVT_REQUESTED, self._on_requested),
-            (evt.EVT_ACCEPTED, self._on_accepted),
-            (evt.EVT_REJECTED, self._on_rejected),
-            (evt.EVT_RELEASED, self._on_closed),
-            (evt.EVT_ABORTED, self._on_closed),
-            (evt.EVT_C_ECHO, self._on_echo),
-            (evt.EVT_C_STORE, self._on_store),
-        ]
         try:
-            self._server = self.ae.start_server((node.host, node.port), block=False, evt_handlers=handlers,
+            self._server = self.ae.start_server((node.host, node.port), block=False, evt_handlers=self._handlers(),
                                                 ssl_context=tls_context(self.settings))
         except OSError as exc:
             raise ReceiveError(f"cannot listen on {node.host}:{node.port} ([node] in {self.settings.source}): "
@@ -146,6 +107,34 @@ class Receiver:
         log.info("scp_started", ae_title=node.ae_title, host=node.host, port=self.port,
                  maximum_associations=node.maximum_associations, tls=self.settings.tls.enabled,
                  pynetdicom=self.pynetdicom_version, fast_path=self.fast_path, input_guards=self.guarded)
+
+    def _handlers(self) -> list[Any]:
+        return [
+            (evt.EVT_CONN_OPEN, self._on_conn_open),
+            (evt.EVT_CONN_CLOSE, self._on_conn_close),
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_RELEASED, self._on_closed),
+            (evt.EVT_ABORTED, self._on_closed),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+        ]
+
+    def attach(self) -> None:
+        """Worker mode: an association server that never listens; connections come from
+        :meth:`serve_connection`."""
+        handlers = self._handlers()
+        # pynetdicom's server binds in its constructor: an ephemeral loopback port, closed at once
+        self._server = self.ae.make_server(("127.0.0.1", 0), evt_handlers=handlers, server_class=GatedServer)
+        self._server.gate = None
+        self._server.socket.close()
+        self._detached = True
+
+    def serve_connection(self, sock: socket.socket | ssl.SSLSocket, address: tuple[str, int]) -> None:
+        """Worker mode: serve one TCP connection accepted by the supervisor (TLS already set up)."""
+        sock.setblocking(True)  # as socket.accept() leaves it
+        self._server.finish_request(sock, address)
 
     @property
     def port(self) -> int:
@@ -160,8 +149,10 @@ class Receiver:
             return
         server, self._server = self._server, None
         # TCPServer.shutdown stops the accept loop and server_close the listening socket; running
-        # associations keep their own threads and finish their current C-STORE.
-        server.shutdown()
+        # associations keep their own threads and finish their current C-STORE. A worker's server
+        # never ran its accept loop (shutdown would wait for it forever).
+        if not self._detached:
+            server.shutdown()
         deadline = time.monotonic() + grace_seconds
         while server.active_associations and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -178,9 +169,9 @@ class Receiver:
     # -- AE ------------------------------------------------------------------------------------
 
     @staticmethod
-    def _build_ae(settings: Settings, admitting: bool = True) -> GatedAE:
+    def _build_ae(settings: Settings, kind: type[GatedAE] = AdmittingAE) -> GatedAE:
         node = settings.node
-        ae = AdmittingAE(ae_title=node.ae_title) if admitting else GatedAE(ae_title=node.ae_title)
+        ae = kind(ae_title=node.ae_title)
         ae.maximum_associations = node.maximum_associations
         ae.maximum_pdu_size = node.maximum_pdu_size
         ae.acse_timeout = node.acse_timeout
@@ -226,6 +217,8 @@ class Receiver:
     def _on_conn_close(self, event: Event) -> None:
         self.gate.release(event.assoc)
         dimse_guard.discard_partial(event.assoc)  # a data set cut off half-way leaves no file
+        if self.link is not None:
+            self.link.closed(event.assoc)
 
     def _on_requested(self, event: Event) -> None:
         """Refuse AE titles with control characters (PS3.5 6.2), which pynetdicom strips away."""
@@ -244,7 +237,7 @@ class Receiver:
         calling = event.assoc.requestor.ae_title
         with self._stats_lock:
             self._stats[id(event.assoc)] = _AssocStats(calling_aet=calling, peer=self._peer(event))
-        metrics.ASSOCIATIONS.labels("accepted").inc()
+        metrics.association("accepted")
         log.info("association_accepted", calling_aet=calling, called_aet=self._called(event), peer=self._peer(event))
 
     def _on_rejected(self, event: Event) -> None:
@@ -252,7 +245,7 @@ class Receiver:
         self.gate.release(assoc)
         if isinstance(self.ae, AdmittingAE):
             self.ae.release_slot(assoc)
-        metrics.ASSOCIATIONS.labels("rejected").inc()
+        metrics.association("rejected")
         calling = assoc.requestor.ae_title
         called = self._called(event)
         allowed = [a.strip() for a in self.ae.require_calling_aet]
@@ -294,7 +287,7 @@ class Receiver:
         status = self._store(event)
         self._count(event, status == StoreStatus.SUCCESS)
         if status != StoreStatus.SUCCESS:
-            metrics.STORE_FAILURES.labels(status.name.lower()).inc()
+            metrics.store_failed(status.name.lower())
         return status
 
     def _store(self, event: Event) -> StoreStatus:
