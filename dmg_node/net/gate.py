@@ -131,7 +131,12 @@ class GatedServer(ThreadedAssociationServer):
         reason = gate.admit(request, host)
         if reason is None:
             return True
-        # one line per address and second: a flood must not become a flood of log lines
+        self.log_refused(host, reason)
+        return False
+
+    def log_refused(self, host: str, reason: str) -> None:
+        """Log a connection closed at accept: one line per address and second (a flood must not
+        become a flood of log lines), with the count refused since the last one."""
         self._refused[host] = self._refused.get(host, 0) + 1
         now = time.monotonic()
         if now - self._logged.get(host, 0.0) >= 1.0:
@@ -139,7 +144,6 @@ class GatedServer(ThreadedAssociationServer):
             self._logged[host] = now
             if len(self._logged) > 10_000:
                 self._logged.clear()
-        return False
 
 
 class CheapCopyContexts(list):  # type: ignore[type-arg]

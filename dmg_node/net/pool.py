@@ -66,13 +66,7 @@ class DispatchServer(GatedServer):
         host = str(client_address[0]) if isinstance(client_address, tuple) else str(client_address)
         conn_id, reason = self.pool.ledger.admit(host)
         if conn_id is None:
-            self._refused[host] = self._refused.get(host, 0) + 1
-            now = time.monotonic()
-            if now - self._logged.get(host, 0.0) >= 1.0:
-                log.warning("connection_refused", peer=host, refused=self._refused.pop(host), reason=reason)
-                self._logged[host] = now
-                if len(self._logged) > 10_000:
-                    self._logged.clear()
+            self.log_refused(host, str(reason))
             return False
         self.pool.admitted[id(request)] = conn_id
         return True
@@ -81,6 +75,9 @@ class DispatchServer(GatedServer):
         conn_id = self.pool.admitted.pop(id(request))
         try:
             self.pool.dispatch(conn_id, request, client_address)
+        except Exception as exc:  # noqa: BLE001 - the accept loop must live, and the count must not leak
+            self.pool.ledger.closed(conn_id)
+            log.error("connection_failed", peer=str(client_address[0]), error=f"{type(exc).__name__}: {exc}")
         finally:
             request.close()  # the worker holds its own descriptor now (or the connection is refused)
 
@@ -197,6 +194,9 @@ class ReceiverPool:
         cmd = [sys.executable, "-m", "dmg_node.net.worker", str(theirs.fileno())]
         try:
             proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, close_fds=True)
+        except OSError:
+            ours.close()
+            raise
         finally:
             theirs.close()
         w = _Worker(index, proc, Channel(ours))
@@ -275,7 +275,11 @@ class ReceiverPool:
                           note="instances it acknowledged are in the spool; senders resend the rest")
                 if delay and self._stopping.wait(delay):
                     return
-                new = self._spawn(w.index)
+                try:
+                    new = self._spawn(w.index)
+                except (OSError, ChannelClosed) as exc:  # e.g. no process could be started: next pass
+                    log.error("receive_worker_start_failed", worker=w.index, error=f"{type(exc).__name__}: {exc}")
+                    continue
                 if new.ready.wait(READY_TIMEOUT_SECONDS):
                     log.info("receive_worker_replaced", worker=w.index, pid=new.pid)
 
