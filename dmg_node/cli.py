@@ -154,6 +154,9 @@ def _format_status(report: dict[str, Any], settings: config.Settings) -> str:
         up = time.time() - live["started_at"]
         lines.append(f"node {live['ae_title']} port {live['port']} pid {live['pid']} up {up / 3600:.1f} h, "
                      f"{live['associations']} association(s) open")
+        if live.get("receive_workers"):
+            pids = ", ".join(str(p) for p in live["receive_workers"])
+            lines.append(f"  receiving in {len(live['receive_workers'])} worker processes (pids {pids})")
         for seq, m in sorted(live["models"].items()):
             members = m.get("members") or [m]
             lines.append(f"  model {seq}: " + ", then ".join(

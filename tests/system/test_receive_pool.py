@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -93,7 +94,10 @@ def test_parallel_senders_of_one_study_spread_over_workers_and_make_one_job(tmp_
         write_series(folder, 12, study_uid=study, series_uid=f"{study}.{i}")
         folders.append(folder)
     with running_node(tmp_path / "n", node={"workers": 2}, assembly={"quiet_seconds": 1.0}) as node:
-        assert len(_worker_pids(node)) == 2
+        pids = _worker_pids(node)
+        status = subprocess.run([sys.executable, "-m", "dmg_node.cli", "status", "--config", str(node.config_path)],
+                                capture_output=True, text=True, timeout=60)
+        assert f"receiving in 2 worker processes (pids {pids[0]}, {pids[1]})" in status.stdout, status.stdout
         procs = [_storescu_async(node.port, f, f"SCANNER{i}") for i, f in enumerate(folders)]
         for p in procs:
             out, _ = p.communicate(timeout=120)
