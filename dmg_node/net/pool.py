@@ -192,8 +192,12 @@ class ReceiverPool:
     def _spawn(self, index: int) -> _Worker:
         ours, theirs = pair()
         cmd = [sys.executable, "-m", "dmg_node.net.worker", str(theirs.fileno())]
+        # the worker inherits the spool lock too: a node killed with kill -9 leaves the spool locked
+        # until its workers (aborting, see worker.py) have exited, so a new node never shares it
+        lock = self.spool.owner_fd
+        inherited = (theirs.fileno(),) if lock is None else (theirs.fileno(), lock)
         try:
-            proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, close_fds=True)
+            proc = subprocess.Popen(cmd, pass_fds=inherited, stdin=subprocess.DEVNULL, close_fds=True)
         except OSError:
             ours.close()
             raise

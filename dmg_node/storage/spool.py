@@ -29,6 +29,7 @@ import re
 import shutil
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -63,6 +64,8 @@ SCHEMA_VERSION = 3
 _ADDED_COLUMNS = (("series", "covered_until", "REAL"), ("jobs", "series_uids", "TEXT"))
 #: Held (flock) by the node that owns the spool; see :meth:`Spool.claim_ownership`.
 OWNER_LOCK = "node.lock"
+#: How long a starting node waits for the receive workers of a node that is gone to exit.
+ORPHAN_WAIT_SECONDS = 10.0
 #: The SQLite index under ``storage.root``; its presence is what makes a folder a spool.
 INDEX_FILE = "index.sqlite3"
 
@@ -171,6 +174,19 @@ def _index_rows(db: sqlite3.Connection, rec: InstanceRecord, rel: str, size: int
     )
 
 
+def _pid_alive(pid: str) -> bool:
+    """Whether process *pid* (as written in ``node.lock``) exists; True when unknown."""
+    if not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def safe_component(uid: str) -> str:
     """Return *uid* if it is a valid DICOM UID, else a stable hashed stand-in (never a path trick)."""
     if len(uid) <= 64 and _UID_RE.fullmatch(uid):
@@ -234,16 +250,30 @@ class Spool:
         """
         path = self.root / OWNER_LOCK
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
-            os.close(fd)
-            raise SpoolError(f"spool {self.root} is in use by another dmg-node (pid {holder}); "
-                             "run one node per storage.root") from None
+        deadline = time.monotonic() + ORPHAN_WAIT_SECONDS
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                os.lseek(fd, 0, os.SEEK_SET)
+                holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+                # The receive workers of a node share its lock (dmg_node.net.pool): when the node
+                # itself is gone (kill -9), they are aborting and about to exit; wait for them.
+                if _pid_alive(holder) or time.monotonic() > deadline:
+                    os.close(fd)
+                    raise SpoolError(f"spool {self.root} is in use by another dmg-node (pid {holder}); "
+                                     "run one node per storage.root") from None
+                time.sleep(0.1)
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._owner_fd = fd
+
+    @property
+    def owner_fd(self) -> int | None:
+        """The descriptor holding ``node.lock`` (None before :meth:`claim_ownership`): receive
+        workers inherit it, so the spool stays locked until the last of them has exited."""
+        return self._owner_fd
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:

@@ -261,3 +261,26 @@ def test_allow_list_reload_reaches_every_worker(tmp_path: Path) -> None:
         assert results[2:] == [0, 0]
         rejected = [e for e in node.events() if e["event"] == "association_rejected"]
         assert {e["receive_worker"] for e in rejected} == {0, 1}
+
+
+def test_kill_9_of_the_node_takes_its_workers_and_a_restart_waits_for_them(tmp_path: Path) -> None:
+    """kill -9 of the node process mid-series: its workers abort and exit (they hold the spool lock
+    until then, so no new node shares the spool with them), a node started at once on the same
+    spool comes up, and every instance answered Success before the kill is in its index."""
+    write_series(tmp_path / "in", 400, rows=128, cols=128)
+    with running_node(tmp_path / "n", node={"workers": 2}, assembly={"quiet_seconds": 3600}) as node:
+        pids = _worker_pids(node)
+        sender = _storescu_async(node.port, tmp_path / "in", "SCANNER")
+        node.wait_event("instance_stored", timeout=60)
+        node.proc.send_signal(signal.SIGKILL)
+        node.proc.wait(10)
+        sender.communicate(timeout=60)
+        acknowledged = _stored_sops(node)
+    deadline = time.monotonic() + 15
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in pids), "receive workers outlived their node"
+    assert 1 <= len(acknowledged) < 400, "the kill did not land mid-association"
+    with running_node(tmp_path / "n", node={"workers": 2}, assembly={"quiet_seconds": 3600}) as again:
+        again.wait_event("spool_reconciled", timeout=5)
+        assert acknowledged <= _spool_sops(again)

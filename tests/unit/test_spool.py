@@ -238,3 +238,47 @@ def test_version_2_index_gains_the_series_columns(tmp_path: Path) -> None:
     sp = Spool(tmp_path)
     assert [r.covered_until for r in sp.series_rows()] == [None]
     assert "series_uids" in {r[1] for r in sp._query("PRAGMA table_info(jobs)")}
+
+
+def test_a_lock_left_by_a_dead_nodes_workers_is_waited_for_and_a_live_node_refuses(tmp_path: Path) -> None:
+    """node.lock held by a process while the pid in it is dead (the receive workers of a killed
+    node): claim_ownership waits for the lock; while that pid is alive it refuses at once."""
+    import subprocess
+    import sys
+    import time as _time
+
+    from dmg_node.errors import SpoolError
+    from dmg_node.storage.spool import OWNER_LOCK
+
+    spool = Spool(tmp_path / "spool")
+    holder_code = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+                   "fcntl.flock(fd, fcntl.LOCK_EX); os.ftruncate(fd, 0); os.write(fd, sys.argv[2].encode()); "
+                   "print('held', flush=True); time.sleep(float(sys.argv[3]))")
+    lock = str(spool.root / OWNER_LOCK)
+    holder = subprocess.Popen([sys.executable, "-c", holder_code, lock, "999999999\n", "1.5"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        t0 = _time.monotonic()
+        spool.claim_ownership()  # the pid in the file is gone: wait for the holder to exit
+        assert 0.5 < _time.monotonic() - t0 < 10
+    finally:
+        holder.wait(10)
+        if holder.stdout is not None:
+            holder.stdout.close()
+    spool.close()
+
+    other = Spool(tmp_path / "spool")
+    live = subprocess.Popen([sys.executable, "-c", holder_code, lock, "1\n", "30"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert live.stdout is not None and live.stdout.readline().strip() == "held"
+        t0 = _time.monotonic()
+        with pytest.raises(SpoolError, match=r"in use by another dmg-node \(pid 1\)"):
+            other.claim_ownership()
+        assert _time.monotonic() - t0 < 2
+    finally:
+        live.kill()
+        live.wait(10)
+        if live.stdout is not None:
+            live.stdout.close()
+    other.close()
