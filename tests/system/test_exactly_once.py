@@ -7,6 +7,7 @@ import signal
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom import dcmread
@@ -44,6 +45,23 @@ def _by_series(folder: Path) -> dict[str, set[str]]:
     return out
 
 
+def _kill_at(node: Any, needle: bytes, timeout: float) -> None:
+    """kill -9 *node* as soon as *needle* appears in its log (read as it grows, every millisecond)."""
+    deadline = time.monotonic() + timeout
+    tail = b""
+    with open(node.log_path, "rb") as log:
+        while time.monotonic() < deadline:
+            chunk = log.read()
+            if not chunk:
+                time.sleep(0.001)
+                continue
+            tail = (tail + chunk)[-(len(needle) + len(chunk)):]
+            if needle in tail:
+                node.proc.send_signal(signal.SIGKILL)
+                return
+    raise TimeoutError(f"{needle!r} not logged within {timeout} s")
+
+
 def _sections(tps_port: int, quiet: float = 0.5) -> dict[str, object]:
     return {"assembly": {"quiet_seconds": quiet}, "models": {"dir": str(models_dir())},
             "destinations": [{"name": "tps", "ae_title": "TPS", "host": LOCALHOST, "port": tps_port}]}
@@ -57,8 +75,9 @@ def test_kill_9_after_first_rtstruct_written_sends_one_per_series(tmp_path: Path
     with running_storescp(tmp_path / "tps", "TPS", "+uf") as (_tps, tps_port):
         with running_node(tmp_path / "node", **_sections(tps_port)) as node:
             _send(study, node.port)
-            node.wait_event("rtstruct_written", timeout=300)
-            node.proc.send_signal(signal.SIGKILL)
+            # a job writes its RTSTRUCTs together once every series is segmented (the contour QA
+            # compares them), about 0.1 s from the first to job_done: follow the log closely
+            _kill_at(node, b'"event": "rtstruct_written"', timeout=300)
             node.proc.wait(30)
         with running_node(tmp_path / "node", **_sections(tps_port)) as node2:
             assert node2.wait_event("spool_reconciled")["jobs_requeued"] == 1
