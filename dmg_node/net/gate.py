@@ -17,6 +17,7 @@ import copy
 import gc
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,17 @@ log = structlog.get_logger(__name__)
 GC_EVERY_SECONDS = 5.0
 #: An entry whose association never started (the handler failed) is forgotten after this.
 _UNBOUND_SECONDS = 60.0
+
+
+def pending_refusal(pending_hosts: Sequence[str], host: str, max_pending: int, max_per_peer: int) -> str | None:
+    """Why a new connection from *host* is refused, given the hosts of the connections already
+    pending (``node.max_pending_connections``, ``node.max_pending_per_peer``); None: admit it."""
+    if len(pending_hosts) >= max_pending:
+        return f"{len(pending_hosts)} connections are already waiting to associate (node.max_pending_connections)"
+    same = sum(1 for h in pending_hosts if h == host)
+    if same >= max_per_peer:
+        return f"{same} connections from this address are already waiting to associate (node.max_pending_per_peer)"
+    return None
 
 
 @dataclass
@@ -61,13 +73,11 @@ class ConnectionGate:
         now = time.monotonic() if now is None else now
         with self._lock:
             self._prune(now)
-            if len(self._pending) >= self.max_pending:
-                return f"{len(self._pending)} connections are already waiting to associate (node.max_pending_connections)"
-            same = sum(1 for p in self._pending.values() if p.host == host)
-            if same >= self.max_pending_per_peer:
-                return f"{same} connections from this address are already waiting to associate (node.max_pending_per_peer)"
-            self._pending[key] = _Pending(host, now)
-            return None
+            reason = pending_refusal([p.host for p in self._pending.values()], host, self.max_pending,
+                                     self.max_pending_per_peer)
+            if reason is None:
+                self._pending[key] = _Pending(host, now)
+            return reason
 
     def bind(self, key: object, assoc: Any) -> None:
         """Tie pending connection *key* to the association that serves it."""

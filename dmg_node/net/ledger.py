@@ -21,6 +21,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+from dmg_node.net.gate import pending_refusal
+
 
 @dataclass
 class _Conn:
@@ -46,13 +48,10 @@ class Ledger:
         """A new connection from *host*: its id, or None and why it is refused (too many pending)."""
         now = time.monotonic() if now is None else now
         with self._lock:
-            pending = [c for c in self._conns.values() if c.pending]
-            if len(pending) >= self.max_pending:
-                return None, f"{len(pending)} connections are already waiting to associate (node.max_pending_connections)"
-            same = sum(1 for c in pending if c.host == host)
-            if same >= self.max_pending_per_peer:
-                return None, (f"{same} connections from this address are already waiting to associate "
-                              "(node.max_pending_per_peer)")
+            reason = pending_refusal([c.host for c in self._conns.values() if c.pending], host, self.max_pending,
+                                     self.max_pending_per_peer)
+            if reason is not None:
+                return None, reason
             conn_id = self._next
             self._next += 1
             self._conns[conn_id] = _Conn(host, None, now)

@@ -100,7 +100,6 @@ class ReceiverPool:
         self._server: Any = None
         self._restarts: dict[int, int] = {}
         self._turn = -1
-        self._monitor: threading.Thread | None = None
         # an AE only to build the listening server with (the workers' AEs do the DICOM)
         self._listener = Receiver(settings, spool)
 
@@ -130,8 +129,7 @@ class ReceiverPool:
                     raise ReceiveError(f"receive worker {w.index} {why}")
         self._server = server
         threading.Thread(target=server.serve_forever, name="accept", daemon=True).start()
-        self._monitor = threading.Thread(target=self._watch, name="receive-workers", daemon=True)
-        self._monitor.start()
+        threading.Thread(target=self._watch, name="receive-workers", daemon=True).start()
         log.info("scp_started", ae_title=node.ae_title, host=node.host, port=self.port,
                  maximum_associations=node.maximum_associations, tls=self.settings.tls.enabled,
                  workers=self.size, worker_pids=self.pids(), pynetdicom=self._listener.pynetdicom_version,
@@ -151,13 +149,7 @@ class ReceiverPool:
     def apply(self, settings: Settings) -> None:
         """Hot reload: the allow-list and storage policy reach every worker."""
         self.settings = settings
-        with self._lock:
-            workers = list(self._workers.values())
-        for w in workers:
-            try:
-                w.channel.send(("settings", settings))
-            except ChannelClosed:
-                pass  # being replaced: the new worker starts with self.settings
+        self._broadcast(("settings", settings))  # a worker being replaced starts with self.settings
 
     def stop(self, grace_seconds: float = 30.0) -> None:
         """Stop accepting; workers finish their associations within *grace_seconds*, then go."""
@@ -168,13 +160,7 @@ class ReceiverPool:
             # never registered with its AE
             socketserver.BaseServer.shutdown(server)
             server.server_close()
-        with self._lock:
-            workers = list(self._workers.values())
-        for w in workers:
-            try:
-                w.channel.send(("stop", grace_seconds))
-            except ChannelClosed:
-                pass
+        workers = self._broadcast(("stop", grace_seconds))
         deadline = time.monotonic() + grace_seconds + 10.0
         killed = 0
         for w in workers:
@@ -188,6 +174,17 @@ class ReceiverPool:
         log.info("scp_stopped", workers=len(workers), killed_workers=killed)
 
     # -- workers -------------------------------------------------------------------------------------
+
+    def _broadcast(self, message: tuple[Any, ...]) -> list[_Worker]:
+        """Send *message* to every worker (one that has gone is skipped); the workers it went to."""
+        with self._lock:
+            workers = list(self._workers.values())
+        for w in workers:
+            try:
+                w.channel.send(message)
+            except ChannelClosed:
+                pass
+        return workers
 
     def _spawn(self, index: int) -> _Worker:
         ours, theirs = pair()

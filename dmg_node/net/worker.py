@@ -124,10 +124,6 @@ class WorkerLink:
         for assoc in ended:
             self.closed(assoc)
 
-    def open_connections(self) -> int:
-        with self._lock:
-            return len(self._by_assoc) + len(self._by_socket)
-
     # -- association slots -------------------------------------------------------------------------
 
     def take_slot(self, assoc: Any) -> bool:
