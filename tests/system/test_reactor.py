@@ -61,9 +61,11 @@ def test_peer_abort_ends_the_association(tmp_path: Path) -> None:
 def test_idle_association_is_ended_after_network_timeout(tmp_path: Path) -> None:
     """A peer that goes silent is dropped once node.network_timeout has passed, not before."""
     with running_receiver(tmp_path / "spool", min_free_mb=0, node={"network_timeout": 0.5}) as rx:
+        # from before the request: the node's idle timer starts when it receives the A-ASSOCIATE-RQ,
+        # which a loaded machine can do well before associate() returns here
+        t0 = time.monotonic()
         assoc = _scu().associate(LOCALHOST, rx.port, ae_title="DMG_NODE")
         assert assoc.is_established
-        t0 = time.monotonic()
         while assoc.is_established and time.monotonic() - t0 < 10:
             time.sleep(0.02)
         waited = time.monotonic() - t0
